@@ -1,0 +1,37 @@
+"""Task worlds. ``build_world(spec, pool)`` builds one from a recipe's ``world:`` mapping."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Mapping
+
+from envs.pool import Pool
+from envs.worlds.base import RouterView, StepResult, World
+from envs.worlds.replay import RecordTable, ReplayConfig, ReplayWorld, load_routellm, load_table
+from envs.worlds.synthetic import SyntheticConfig, SyntheticWorld
+
+WORLD_KINDS = ("synthetic", "replay")
+
+
+@lru_cache(maxsize=4)
+def _cached_table(config: ReplayConfig) -> RecordTable:
+    # Loading MMLU's 57 CSVs takes a second; vector envs and evaluations share one table.
+    return config.load()
+
+
+def build_world(spec: Mapping[str, Any] | None, pool: Pool, where: str = "world") -> World:
+    """``spec = {"kind": "synthetic" | "replay", ...that world's config fields}``."""
+    spec = dict(spec or {"kind": "synthetic"})
+    kind = spec.pop("kind", None)
+    if kind == "synthetic":
+        return SyntheticWorld(pool, SyntheticConfig.from_dict(spec, where))
+    if kind == "replay":
+        config = ReplayConfig.from_dict(spec, where)
+        return ReplayWorld(pool, config, table=_cached_table(config))
+    raise ValueError(f"{where}.kind must be one of {list(WORLD_KINDS)}, got {kind!r}")
+
+
+__all__ = [
+    "World", "RouterView", "StepResult", "SyntheticWorld", "SyntheticConfig", "ReplayWorld", "ReplayConfig",
+    "RecordTable", "load_routellm", "load_table", "build_world", "WORLD_KINDS",
+]

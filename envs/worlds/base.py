@@ -1,0 +1,106 @@
+"""What every world provides to :class:`envs.routing.RoutingEnv`.
+
+A world is a task family. It is stateless between episodes: ``reset`` returns a small
+episode-state object that ``step`` mutates, so an environment can snapshot an episode by
+copying that object (the hindsight oracle searches routes this way).
+
+Separation of knowledge: ``router_view`` returns only what a router may see (task text,
+the current step's text); hidden quantities (step difficulty, recorded correctness) stay
+inside the state and are used only by the executors and the world's rules.
+"""
+
+from __future__ import annotations
+
+import copy
+import string
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from envs.pool import Pool, Tier
+
+# Characters any prompt may contain (the router prompt template itself uses these).
+BASE_CHARSET = string.printable
+
+
+@dataclass
+class StepResult:
+    """What one agent step, taken by one tier's model, did."""
+
+    observation: str  # feedback the agent (and router) sees after the step
+    input_tokens: int  # prompt tokens the executor consumed (exact)
+    output_tokens: int  # completion tokens it produced (exact)
+    step_ok: bool  # the executor's step was correct
+    event: str  # "ok", "retry", "derail", "fatal", "wrong"
+    progress: float  # fraction of the task done, in [0, 1]
+    done: bool  # the task is over (success or unrecoverable failure)
+    success: bool  # the task was solved (only meaningful when done)
+    step_limit_reached: bool = False  # episode ran out of agent steps (truncation)
+    cost_usd: float | None = None  # recorded dollar cost, where the data has one
+
+
+@dataclass
+class RouterView:
+    """The router-visible part of the state before a step."""
+
+    task: str  # task statement (possibly shortened)
+    step_text: str  # what the agent is about to do / answer
+    step_index: int  # agent steps taken so far
+    position: int  # how far the task has progressed (sub-goals done)
+    length: int  # number of sub-goals / queries in the task
+    max_steps: int  # step limit
+
+
+class World(ABC):
+    """A task family the router routes agent steps in."""
+
+    name: str = "world"
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+
+    @abstractmethod
+    def task_ids(self, split: str) -> list[str]:
+        """Task ids of a split (``"train"`` or ``"test"``), deterministic."""
+
+    @abstractmethod
+    def reset(self, task_id: str, seed: int) -> Any:
+        """Start an episode of ``task_id``; ``seed`` drives all the episode's randomness."""
+
+    @abstractmethod
+    def router_view(self, state: Any) -> RouterView:
+        """What the router may see before the next step."""
+
+    @abstractmethod
+    def worst_case_tokens(self, state: Any, tier: Tier) -> tuple[int, int]:
+        """Upper bounds (input, output) on the next call's tokens with ``tier``."""
+
+    def worst_case_cost_usd(self, state: Any, tier: Tier) -> float:
+        """Upper bound on the next call's dollar cost (used by the budget mask)."""
+        return tier.cost_usd(*self.worst_case_tokens(state, tier))
+
+    @abstractmethod
+    def step(self, state: Any, tier: Tier) -> StepResult:
+        """Let ``tier``'s model take the next agent step."""
+
+    def copy_state(self, state: Any) -> Any:
+        """An independent copy of an episode state (for snapshots)."""
+        return copy.deepcopy(state)
+
+    def cost_to_go_lower_bound(self, state: Any) -> float:
+        """Lower bound on the cost of finishing the task successfully (0 if unknown)."""
+        return 0.0
+
+    def search_key(self, state: Any) -> Any:
+        """Hashable summary of the state for route search; ``None`` disables merging."""
+        return None
+
+    def charset(self) -> str:
+        """Every character the world's texts may contain (for gymnasium's Text space)."""
+        return BASE_CHARSET
+
+    def executor_config(self, tier: Tier, defaults: dict[str, dict]) -> dict:
+        """The tier's executor settings, falling back to per-name defaults."""
+        config = dict(defaults.get(tier.name, {}))
+        config.update(tier.executor or {})
+        return config

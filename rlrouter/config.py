@@ -1,0 +1,212 @@
+"""Typed recipe schema: a YAML file in, validated dataclasses out.
+
+Every error names the file and the field, and says what would be valid. A recipe:
+
+.. code-block:: yaml
+
+    name: quickstart
+    seed: 0
+    stages: [eval]
+    world: {kind: synthetic, n_test: 200}          # envs.worlds.build_world fields
+    pool:
+      tiers:
+        - {name: small, usd_per_1m_input: 0.40, usd_per_1m_output: 1.60}
+        - {name: large, usd_per_1m_input: 2.00, usd_per_1m_output: 8.00}
+    env: {cost_lambda: 2.0, history_window: 8}
+    eval:
+      tasks: 200
+      budgets: [none, large_calls=5, large_calls=10, usd=0.05]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from envs import Budget, Pool, RoutingEnv, build_world, parse_budget_arg
+from envs.worlds import World
+
+STAGES = ("eval",)  # stages `rlrouter train` can run, in pipeline order
+BASELINES = ("always-small", "always-large", "random", "first-large", "escalate", "oracle")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and field."""
+
+
+def _section(cls, data: Any, where: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{where} must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise RecipeError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(names)}")
+    try:
+        return cls(**dict(data))
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"{where}: {err}") from None
+
+
+@dataclass
+class EnvSection:
+    """RoutingEnv settings shared by every stage.
+
+    Attributes:
+        cost_lambda: λ, reward per dollar spent (return = 1[success] - λ·cost).
+        success_reward: reward for solving the task.
+        history_window: steps of history in the router prompt.
+        masked_action: ``error`` or ``remap`` (what a budget-masked action does).
+    """
+
+    cost_lambda: float = 0.0
+    success_reward: float = 1.0
+    history_window: int = 8
+    masked_action: str = "error"
+
+
+@dataclass
+class EvalSection:
+    """``rlrouter eval`` settings.
+
+    Attributes:
+        split: task split to evaluate on (held-out: ``test``).
+        tasks: number of tasks (the first N ids of the split).
+        budgets: budget specs (``none``, ``usd=0.05``, ``large_calls=5``,
+            ``usd=0.05+large_calls=5``); every policy runs under each.
+        policies: baselines to run (subset of always-small, always-large, random,
+            first-large, escalate, oracle).
+        random_p: probabilities of the priciest tier for the random(p) baselines.
+        first_large_k: k values of the first-large(k) baselines.
+        boundary_k: always-small / always-large runs per task for the taxonomy.
+        taxonomy_threshold: θ of the taxonomy (easy: s_S ≥ θ; hard: s_S < θ ≤ s_L).
+        oracle_max_expansions: search nodes per episode for the hindsight oracle.
+        out_dir: where results JSON, table and PNG go (default ``runs/<name>/eval``).
+    """
+
+    split: str = "test"
+    tasks: int = 200
+    budgets: list = field(default_factory=lambda: ["none"])
+    policies: list = field(default_factory=lambda: list(BASELINES))
+    random_p: list = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75])
+    first_large_k: list = field(default_factory=lambda: [3])
+    boundary_k: int = 5
+    taxonomy_threshold: float = 0.5
+    oracle_max_expansions: int = 4000
+    out_dir: str | None = None
+
+
+@dataclass
+class Recipe:
+    name: str
+    seed: int
+    stages: list[str]
+    world: dict
+    pool: Pool
+    env: EnvSection
+    eval: EvalSection
+    path: Path | None = None
+
+    def budgets(self) -> list[Budget]:
+        return parse_budgets(self.eval.budgets, where=f"{self.path or 'recipe'}: eval.budgets")
+
+    def build_world(self) -> World:
+        return build_world(self.world, self.pool)
+
+    def make_env(self, split: str, world: World | None = None, **overrides) -> RoutingEnv:
+        kwargs = {
+            "cost_lambda": self.env.cost_lambda,
+            "success_reward": self.env.success_reward,
+            "history_window": self.env.history_window,
+            "masked_action": self.env.masked_action,
+            "split": split,
+            **overrides,
+        }
+        return RoutingEnv(world or self.build_world(), self.pool, **kwargs)
+
+    def out_dir(self) -> Path:
+        return Path(self.eval.out_dir or f"runs/{self.name}/eval")
+
+
+def parse_budgets(specs, where: str = "budgets") -> list[Budget]:
+    budgets: list[Budget] = []
+    if not isinstance(specs, list):
+        raise RecipeError(f"{where} must be a list like [none, large_calls=5, usd=0.05]")
+    for i, spec in enumerate(specs):
+        try:
+            if isinstance(spec, Mapping):
+                budgets.append(Budget.from_dict(spec, where=f"{where}[{i}]"))
+            else:
+                budgets += parse_budget_arg(str(spec))
+        except ValueError as err:
+            raise RecipeError(f"{where}[{i}]: {err}") from None
+    return budgets
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML ({err})") from None
+    return recipe_from_dict(data, path)
+
+
+def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
+    where = str(path or "recipe")
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{where}: the recipe must be a mapping of sections")
+    known = {"name", "seed", "stages", "world", "pool", "env", "eval"}
+    unknown = set(data) - known
+    if unknown:
+        raise RecipeError(f"{where}: unknown section(s) {sorted(unknown)}; allowed: {sorted(known)}")
+    name = data.get("name") or (path.stem if path else "recipe")
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int):
+        raise RecipeError(f"{where}: seed must be an integer, got {seed!r}")
+    stages = data.get("stages", ["eval"])
+    if not isinstance(stages, list) or not stages or any(s not in STAGES for s in stages):
+        raise RecipeError(f"{where}: stages must be a non-empty list from {list(STAGES)}, got {stages!r}")
+
+    pool_data = data.get("pool")
+    try:
+        if pool_data is None:
+            pool = Pool.default()
+        elif isinstance(pool_data, Mapping) and set(pool_data) == {"tiers"}:
+            pool = Pool.from_config(pool_data["tiers"], where=f"{where}: pool.tiers")
+        else:
+            raise RecipeError(f"{where}: pool must be a mapping with one field, tiers (a list of tiers)")
+    except RecipeError:
+        raise
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
+
+    world = data.get("world") or {"kind": "synthetic"}
+    if not isinstance(world, Mapping):
+        raise RecipeError(f"{where}: world must be a mapping with a kind field")
+    world = dict(world)
+    env = _section(EnvSection, data.get("env"), f"{where}: env")
+    evaluation = _section(EvalSection, data.get("eval"), f"{where}: eval")
+    for policy in evaluation.policies:
+        if policy not in BASELINES:
+            raise RecipeError(f"{where}: eval.policies: unknown policy {policy!r}; choose from {list(BASELINES)}")
+    if not all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in evaluation.random_p):
+        raise RecipeError(f"{where}: eval.random_p must be probabilities in [0, 1], got {evaluation.random_p}")
+    recipe = Recipe(name, seed, list(stages), world, pool, env, evaluation, path)
+    for budget in recipe.budgets():
+        try:
+            budget.check_tiers(pool)
+        except ValueError as err:
+            raise RecipeError(f"{where}: eval.budgets: {err}") from None
+    try:  # build the world once so world errors surface at load time, naming the field
+        recipe.build_world()
+    except (ValueError, FileNotFoundError) as err:
+        raise RecipeError(f"{where}: {err}") from None
+    return recipe

@@ -1,0 +1,63 @@
+"""`rlrouter eval`: baselines on held-out tasks under budgets -> JSON, table, frontier PNG."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from envs.budget import Budget
+from rlrouter.boundary import boundary_runs, classify, taxonomy_counts
+from rlrouter.config import Recipe
+from rlrouter.evaluate.baselines import make_baselines
+from rlrouter.evaluate.report import write_report
+from rlrouter.evaluate.runner import REFERENCE_BUDGET, evaluate, summarize
+
+REFERENCE_POLICIES = ("always-small", "always-large")
+
+
+def eval_recipe(recipe: Recipe, budgets: list[Budget] | None = None, tasks: int | None = None,
+                seed: int | None = None, out_dir: str | Path | None = None, policies: list[str] | None = None,
+                progress: bool = True) -> dict:
+    """Evaluate the recipe's baselines; returns ``{"rows", "paths", "meta"}``."""
+    cfg = recipe.eval
+    seed = recipe.seed if seed is None else seed
+    budgets = budgets or recipe.budgets()
+    for budget in budgets:
+        budget.check_tiers(recipe.pool)
+    env = recipe.make_env(cfg.split)
+    n_tasks = cfg.tasks if tasks is None else tasks
+    if n_tasks > len(env.task_ids):
+        raise ValueError(f"eval.tasks = {n_tasks}, but split {cfg.split!r} has only {len(env.task_ids)} tasks")
+    task_ids = env.task_ids[:n_tasks]
+
+    start = time.perf_counter()
+    stats = boundary_runs(env, task_ids, k=cfg.boundary_k, seed=seed + 1, progress=progress)
+    labels = {t: classify(s.s_small, s.s_large, cfg.taxonomy_threshold) for t, s in stats.items()}
+
+    names = list(policies or cfg.policies)
+    kwargs = dict(random_p=cfg.random_p, first_large_k=cfg.first_large_k,
+                  oracle_max_expansions=cfg.oracle_max_expansions)
+    policy_objs = make_baselines(names, len(recipe.pool), **kwargs)
+    records, timing = evaluate(env, policy_objs, task_ids, budgets, seed=seed, taxonomy=labels, progress=progress)
+    # The two boundary policies without a budget are the reference of gap_recovered.
+    if all(b.label != REFERENCE_BUDGET for b in budgets):
+        refs = make_baselines(REFERENCE_POLICIES, len(recipe.pool))
+        more, _ = evaluate(env, refs, task_ids, [Budget()], seed=seed, taxonomy=labels, progress=progress)
+        records += more
+    rows = summarize(records, recipe.pool.priciest.name)
+    meta = {
+        "recipe": recipe.name,
+        "recipe_path": str(recipe.path) if recipe.path else None,
+        "seed": seed,
+        "split": cfg.split,
+        "tasks": n_tasks,
+        "budgets": [b.label for b in budgets],
+        "pool": recipe.pool.describe(),
+        "cost_lambda": recipe.env.cost_lambda,
+        "taxonomy_threshold": cfg.taxonomy_threshold,
+        "taxonomy_counts": taxonomy_counts(labels),
+        "boundary": {t: s.to_dict() for t, s in stats.items()},
+        "seconds": time.perf_counter() - start,
+    }
+    paths = write_report(Path(out_dir) if out_dir else recipe.out_dir(), rows, [r.to_dict() for r in records], meta)
+    return {"rows": rows, "paths": paths, "meta": meta}
