@@ -42,6 +42,44 @@ def _train(args) -> int:
     return 0
 
 
+def _boundary(args) -> int:
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from rlrouter.boundary import boundary_runs, classify, taxonomy_counts
+    from rlrouter.config import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    env = recipe.make_env(args.split)
+    ids = env.task_ids[: args.tasks] if args.tasks else env.task_ids
+    stats = boundary_runs(env, ids, k=args.k or recipe.eval.boundary_k, seed=recipe.seed, progress=not args.quiet)
+    theta = recipe.eval.taxonomy_threshold
+    labels = {t: classify(s.s_small, s.s_large, theta) for t, s in stats.items()}
+    counts = taxonomy_counts(labels)
+    summary = {
+        "recipe": recipe.name,
+        "split": args.split,
+        "tasks": len(ids),
+        "k": args.k or recipe.eval.boundary_k,
+        "always_small_success": float(np.mean([s.s_small for s in stats.values()])),
+        "always_large_success": float(np.mean([s.s_large for s in stats.values()])),
+        "always_small_mean_cost_usd": float(np.mean([s.c_small for s in stats.values()])),
+        "always_large_mean_cost_usd": float(np.mean([s.c_large for s in stats.values()])),
+        "taxonomy_counts": counts,
+        "taxonomy_fractions": {k: v / len(ids) for k, v in counts.items()},
+    }
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"summary": summary, "tasks": {t: {**s.to_dict(), "taxonomy": labels[t]}
+                                                                 for t, s in stats.items()}}, indent=1))
+        print(f"written: {out}")
+    return 0
+
+
 def _check(args) -> int:
     from rlrouter.config import load_recipe
 
@@ -70,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("boundary", help="boundary runs (always-small / always-large) and the task taxonomy")
+    p.add_argument("recipe")
+    p.add_argument("--split", default="train")
+    p.add_argument("--tasks", type=int, help="first N tasks of the split (default: all)")
+    p.add_argument("--k", type=int, help="runs per task and tier (default: recipe eval.boundary_k)")
+    p.add_argument("--out", help="write per-task statistics as JSON here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_boundary)
 
     p = sub.add_parser("check", help="validate a recipe")
     p.add_argument("recipe")

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
 TAXONOMY_LABELS = ("easy", "hard", "intractable")
+
+
+def budget_order(label: str):
+    """Natural order: unbudgeted first, then by cap kind and value (5 before 10)."""
+    parts = re.split(r"(\d+(?:\.\d+)?)", label)
+    return (label != "none", [float(p) if i % 2 else p for i, p in enumerate(parts)])
 
 
 def _fmt(value, spec: str) -> str:
@@ -21,7 +29,7 @@ def markdown_table(rows: list[dict]) -> str:
         "easy | hard | intractable | violations | gap recovered |"
     )
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
-    for row in sorted(rows, key=lambda r: (r["budget"] != "none", r["budget"], r["mean_cost_usd"])):
+    for row in sorted(rows, key=lambda r: (budget_order(r["budget"]), r["mean_cost_usd"])):
         tax = row["success_by_taxonomy"]
         lines.append(
             f"| {row['budget']} | {row['policy']} | {row['success']:.3f} | {row['mean_cost_usd']:.4g} | "
@@ -47,9 +55,14 @@ def frontier_plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    budgets = sorted({r["budget"] for r in rows}, key=lambda b: (b != "none", b))
-    fig, axes = plt.subplots(1, len(budgets), figsize=(4.2 * len(budgets), 4), squeeze=False, sharey=True)
-    for ax, budget in zip(axes[0], budgets):
+    budgets = sorted({r["budget"] for r in rows}, key=budget_order)
+    ncols = min(3, len(budgets))
+    nrows = math.ceil(len(budgets) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False, sharey=True)
+    flat = axes.ravel()
+    for ax in flat[len(budgets):]:
+        ax.set_visible(False)
+    for ax, budget in zip(flat, budgets):
         group = [r for r in rows if r["budget"] == budget]
         randoms = sorted((r for r in group if r["policy"].startswith("random")), key=lambda r: r["mean_cost_usd"])
         if randoms:
@@ -63,8 +76,10 @@ def frontier_plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_title(f"budget: {budget}")
         ax.set_xlabel("mean cost per task (USD)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("success rate")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    for row_axes in axes:
+        row_axes[0].set_ylabel("success rate")
+    handles, labels = flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower right" if len(budgets) < len(flat) else "upper right")
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

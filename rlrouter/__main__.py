@@ -1,0 +1,5 @@
+import sys
+
+from rlrouter.cli import main
+
+sys.exit(main())
