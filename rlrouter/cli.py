@@ -11,34 +11,65 @@ from envs.budget import parse_budget_arg
 def _eval(args) -> int:
     from rlrouter.config import load_recipe
     from rlrouter.evaluate.job import eval_recipe
-    from rlrouter.evaluate.report import markdown_table
 
     recipe = load_recipe(args.recipe)
     budgets = [b for spec in args.budget for b in parse_budget_arg(spec)] if args.budget else None
     policies = args.policies.split(",") if args.policies else None
     result = eval_recipe(recipe, budgets=budgets, tasks=args.tasks, seed=args.seed, out_dir=args.out,
-                         policies=policies, progress=not args.quiet)
+                         policies=policies, checkpoint=args.checkpoint, progress=not args.quiet)
+    _print_eval(result)
+    return 0
+
+
+def _print_eval(result) -> None:
+    from rlrouter.evaluate.report import markdown_table
+
     print(markdown_table(result["rows"]))
-    counts = result["meta"]["taxonomy_counts"]
-    print(f"\ntaxonomy of the {result['meta']['tasks']} tasks: {counts}")
+    print(f"\ntaxonomy of the {result['meta']['tasks']} tasks: {result['meta']['taxonomy_counts']}")
     for kind, path in result["paths"].items():
         print(f"{kind}: {path}")
+
+
+def _synth(args) -> int:
+    import json
+
+    from rlrouter.config import load_recipe
+    from rlrouter.pipeline import run_synth
+
+    result = run_synth(load_recipe(args.recipe), out_dir=args.out, progress=not args.quiet)
+    print(json.dumps(result["report"], indent=1))
+    print(f"written: {result['dir']}")
+    return 0
+
+
+def _sft(args) -> int:
+    from rlrouter.config import load_recipe
+    from rlrouter.pipeline import run_sft_stage
+
+    path = run_sft_stage(load_recipe(args.recipe), synth_dir=args.synth_dir, out_dir=args.out, resume=args.resume,
+                         progress=not args.quiet)
+    print(f"checkpoint: {path}")
     return 0
 
 
 def _train(args) -> int:
     from rlrouter.config import load_recipe
     from rlrouter.evaluate.job import eval_recipe
-    from rlrouter.evaluate.report import markdown_table
+    from rlrouter.pipeline import run_sft_stage, run_synth
 
     recipe = load_recipe(args.recipe)
+    checkpoint = None
     for stage in recipe.stages:
         print(f"== stage: {stage}", flush=True)
-        if stage == "eval":
-            result = eval_recipe(recipe, progress=not args.quiet)
-            print(markdown_table(result["rows"]))
-            for kind, path in result["paths"].items():
-                print(f"{kind}: {path}")
+        if stage == "synth":
+            report = run_synth(recipe, progress=not args.quiet)["report"]
+            print(f"synthesized {report['examples']} conversations from {report['tasks']} tasks "
+                  f"(taxonomy {report['taxonomy_counts']})", flush=True)
+        elif stage == "sft":
+            checkpoint = run_sft_stage(recipe, progress=not args.quiet)
+            print(f"checkpoint: {checkpoint}", flush=True)
+        elif stage == "eval":
+            _print_eval(eval_recipe(recipe, checkpoint=checkpoint, progress=not args.quiet))
     return 0
 
 
@@ -101,8 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed (default: recipe seed)")
     p.add_argument("--policies", help="comma-separated baselines (default: recipe eval.policies)")
     p.add_argument("--out", help="output folder (default: recipe eval.out_dir or runs/<name>/eval)")
+    p.add_argument("--checkpoint", help="a router checkpoint to evaluate beside the baselines")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("synth", help="boundary runs, taxonomy and stratified SFT data synthesis")
+    p.add_argument("recipe")
+    p.add_argument("--out", help="output folder (default: recipe synth.out_dir or runs/<name>/synth)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("sft", help="fine-tune the router LLM on the synthesized data (TRL SFTTrainer)")
+    p.add_argument("recipe")
+    p.add_argument("--synth-dir", help="synthesized data (default: the recipe's synth folder)")
+    p.add_argument("--out", help="checkpoint folder (default: recipe sft.out_dir or runs/<name>/sft)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint's trainer_state")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_sft)
 
     p = sub.add_parser("train", help="run the recipe's stages in order")
     p.add_argument("recipe")

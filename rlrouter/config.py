@@ -29,7 +29,7 @@ import yaml
 from envs import Budget, Pool, RoutingEnv, build_world, parse_budget_arg
 from envs.worlds import World
 
-STAGES = ("eval",)  # stages `rlrouter train` can run, in pipeline order
+STAGES = ("synth", "sft", "eval")  # stages `rlrouter train` can run, in pipeline order
 BASELINES = ("always-small", "always-large", "random", "first-large", "escalate", "oracle")
 
 
@@ -85,6 +85,8 @@ class EvalSection:
         boundary_k: always-small / always-large runs per task for the taxonomy.
         taxonomy_threshold: θ of the taxonomy (easy: s_S ≥ θ; hard: s_S < θ ≤ s_L).
         oracle_max_expansions: search nodes per episode for the hindsight oracle.
+        router_bias: route biases (log-odds added to the priciest tier at the route token)
+            at which a router checkpoint is evaluated; each is one frontier point.
         out_dir: where results JSON, table and PNG go (default ``runs/<name>/eval``).
     """
 
@@ -97,7 +99,62 @@ class EvalSection:
     boundary_k: int = 5
     taxonomy_threshold: float = 0.5
     oracle_max_expansions: int = 4000
+    router_bias: list = field(default_factory=lambda: [0.0])
     out_dir: str | None = None
+
+
+@dataclass
+class SynthSection:
+    """Boundary-guided SFT data synthesis (``rlrouter synth``).
+
+    Attributes:
+        split / tasks: training tasks (the first N ids of the split).
+        budgets: budgets drawn per trajectory and written in its prompt.
+        boundary_k: always-small / always-large runs per task.
+        taxonomy_threshold: θ of the taxonomy.
+        n_strata: N of the stratified search (P(large) = k/N, k = 0..N).
+        samples: M trajectories per stratum.
+        out_dir: default ``runs/<name>/synth``.
+    """
+
+    split: str = "train"
+    tasks: int = 400
+    budgets: list = field(default_factory=lambda: ["none", "large_calls=5", "large_calls=10", "large_calls=15"])
+    boundary_k: int = 5
+    taxonomy_threshold: float = 0.5
+    n_strata: int = 4
+    samples: int = 8
+    out_dir: str | None = None
+
+
+@dataclass
+class RouterSection:
+    """The router LLM: ``base`` (a local directory or hub id) or the embedded tiny model.
+
+    Attributes:
+        base: ``tiny`` (built from a config, tokenizer trained locally) or a model path / id.
+        vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
+        num_key_value_heads, intermediate_size, max_position_embeddings: the tiny model's shape.
+        max_new_tokens: generation cap per router turn.
+        batch_size: episodes played in lockstep during evaluation.
+    """
+
+    base: str = "tiny"
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    intermediate_size: int = 384
+    max_position_embeddings: int = 4096
+    max_new_tokens: int = 32
+    batch_size: int = 64
+
+    def tiny_config(self):
+        from rlrouter.router.model import TinyRouterConfig
+
+        return TinyRouterConfig(self.vocab_size, self.hidden_size, self.num_hidden_layers, self.num_attention_heads,
+                                self.num_key_value_heads, self.intermediate_size, self.max_position_embeddings)
 
 
 @dataclass
@@ -109,7 +166,19 @@ class Recipe:
     pool: Pool
     env: EnvSection
     eval: EvalSection
+    synth: SynthSection = field(default_factory=SynthSection)
+    router: RouterSection = field(default_factory=RouterSection)
+    sft: "SFTSettings" = None
     path: Path | None = None
+
+    def synth_budgets(self) -> list[Budget]:
+        return parse_budgets(self.synth.budgets, where=f"{self.path or 'recipe'}: synth.budgets")
+
+    def synth_dir(self) -> Path:
+        return Path(self.synth.out_dir or f"runs/{self.name}/synth")
+
+    def sft_dir(self) -> Path:
+        return Path(self.sft.out_dir or f"runs/{self.name}/sft")
 
     def budgets(self) -> list[Budget]:
         return parse_budgets(self.eval.budgets, where=f"{self.path or 'recipe'}: eval.budgets")
@@ -163,7 +232,7 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
     where = str(path or "recipe")
     if not isinstance(data, Mapping):
         raise RecipeError(f"{where}: the recipe must be a mapping of sections")
-    known = {"name", "seed", "stages", "world", "pool", "env", "eval"}
+    known = {"name", "seed", "stages", "world", "pool", "env", "eval", "synth", "router", "sft"}
     unknown = set(data) - known
     if unknown:
         raise RecipeError(f"{where}: unknown section(s) {sorted(unknown)}; allowed: {sorted(known)}")
@@ -199,12 +268,22 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
             raise RecipeError(f"{where}: eval.policies: unknown policy {policy!r}; choose from {list(BASELINES)}")
     if not all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in evaluation.random_p):
         raise RecipeError(f"{where}: eval.random_p must be probabilities in [0, 1], got {evaluation.random_p}")
-    recipe = Recipe(name, seed, list(stages), world, pool, env, evaluation, path)
-    for budget in recipe.budgets():
+    from rlrouter.sft.train import SFTSettings
+
+    synth = _section(SynthSection, data.get("synth"), f"{where}: synth")
+    router = _section(RouterSection, data.get("router"), f"{where}: router")
+    sft = _section(SFTSettings, data.get("sft"), f"{where}: sft")
+    if router.base == "tiny":
+        try:
+            router.tiny_config()
+        except ValueError as err:
+            raise RecipeError(f"{where}: {err}") from None
+    recipe = Recipe(name, seed, list(stages), world, pool, env, evaluation, synth, router, sft, path)
+    for budget in recipe.budgets() + recipe.synth_budgets():
         try:
             budget.check_tiers(pool)
         except ValueError as err:
-            raise RecipeError(f"{where}: eval.budgets: {err}") from None
+            raise RecipeError(f"{where}: budgets: {err}") from None
     try:  # build the world once so world errors surface at load time, naming the field
         recipe.build_world()
     except (ValueError, FileNotFoundError) as err:

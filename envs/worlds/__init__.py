@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Any, Mapping
 
@@ -14,9 +15,17 @@ WORLD_KINDS = ("synthetic", "replay")
 
 
 @lru_cache(maxsize=4)
-def _cached_table(config: ReplayConfig) -> RecordTable:
+def _cached_table(config: ReplayConfig, file_version: tuple | None) -> RecordTable:
     # Loading MMLU's 57 CSVs takes a second; vector envs and evaluations share one table.
+    # file_version (mtime, size) of a generic table makes an edited file load afresh.
     return config.load()
+
+
+def _file_version(config: ReplayConfig) -> tuple | None:
+    if config.source != "table" or not config.table or not os.path.isfile(config.table):
+        return None
+    stat = os.stat(config.table)
+    return (stat.st_mtime_ns, stat.st_size)
 
 
 def build_world(spec: Mapping[str, Any] | None, pool: Pool, where: str = "world") -> World:
@@ -27,7 +36,7 @@ def build_world(spec: Mapping[str, Any] | None, pool: Pool, where: str = "world"
         return SyntheticWorld(pool, SyntheticConfig.from_dict(spec, where))
     if kind == "replay":
         config = ReplayConfig.from_dict(spec, where)
-        return ReplayWorld(pool, config, table=_cached_table(config))
+        return ReplayWorld(pool, config, table=_cached_table(config, _file_version(config)))
     raise ValueError(f"{where}.kind must be one of {list(WORLD_KINDS)}, got {kind!r}")
 
 

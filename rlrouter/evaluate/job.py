@@ -17,8 +17,11 @@ REFERENCE_POLICIES = ("always-small", "always-large")
 
 def eval_recipe(recipe: Recipe, budgets: list[Budget] | None = None, tasks: int | None = None,
                 seed: int | None = None, out_dir: str | Path | None = None, policies: list[str] | None = None,
-                progress: bool = True) -> dict:
-    """Evaluate the recipe's baselines; returns ``{"rows", "paths", "meta"}``."""
+                checkpoint: str | Path | None = None, progress: bool = True) -> dict:
+    """Evaluate the recipe's baselines (and a router checkpoint, if given) under budgets.
+
+    Returns ``{"rows", "paths", "meta"}``.
+    """
     cfg = recipe.eval
     seed = recipe.seed if seed is None else seed
     budgets = budgets or recipe.budgets()
@@ -39,6 +42,22 @@ def eval_recipe(recipe: Recipe, budgets: list[Budget] | None = None, tasks: int 
                   oracle_max_expansions=cfg.oracle_max_expansions)
     policy_objs = make_baselines(names, len(recipe.pool), **kwargs)
     records, timing = evaluate(env, policy_objs, task_ids, budgets, seed=seed, taxonomy=labels, progress=progress)
+    if checkpoint is not None:
+        from rlrouter.router.checkpoint import load_checkpoint
+        from rlrouter.router.policy import RouterPolicy
+
+        model, tokenizer, ckpt_meta = load_checkpoint(checkpoint, recipe.pool.names)
+        world = env.world
+        routed = []
+        for bias in cfg.router_bias:
+            name = "router" if not bias else f"router(bias={bias:g})"
+            router = RouterPolicy(model, tokenizer, recipe.pool.names, max_new_tokens=recipe.router.max_new_tokens,
+                                  batch_size=recipe.router.batch_size, route_bias=float(bias), name=name)
+            routed += router.evaluate(lambda: recipe.make_env(cfg.split, world=world), task_ids, budgets, seed,
+                                      progress=progress)
+        for record in routed:
+            record.taxonomy = labels.get(record.task_id)
+        records += routed
     # The two boundary policies without a budget are the reference of gap_recovered.
     if all(b.label != REFERENCE_BUDGET for b in budgets):
         refs = make_baselines(REFERENCE_POLICIES, len(recipe.pool))
@@ -57,6 +76,7 @@ def eval_recipe(recipe: Recipe, budgets: list[Budget] | None = None, tasks: int 
         "taxonomy_threshold": cfg.taxonomy_threshold,
         "taxonomy_counts": taxonomy_counts(labels),
         "boundary": {t: s.to_dict() for t, s in stats.items()},
+        "checkpoint": str(checkpoint) if checkpoint else None,
         "seconds": time.perf_counter() - start,
     }
     paths = write_report(Path(out_dir) if out_dir else recipe.out_dir(), rows, [r.to_dict() for r in records], meta)

@@ -26,7 +26,7 @@ def markdown_table(rows: list[dict]) -> str:
     """One line per (policy, budget), grouped by budget."""
     header = (
         "| budget | policy | success | mean cost ($) | cost vs large | large frac | "
-        "easy | hard | intractable | violations | gap recovered |"
+        "easy | hard | intractable | violations | gap recovered | well-formed |"
     )
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for row in sorted(rows, key=lambda r: (budget_order(r["budget"]), r["mean_cost_usd"])):
@@ -35,7 +35,7 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {row['budget']} | {row['policy']} | {row['success']:.3f} | {row['mean_cost_usd']:.4g} | "
             f"{_fmt(row['cost_vs_large'], '.2f')} | {row['large_fraction']:.2f} | "
             + " | ".join(_fmt(tax.get(label), ".2f") for label in TAXONOMY_LABELS)
-            + f" | {row['budget_violations']} | {_fmt(row['gap_recovered'], '.2f')} |"
+            + f" | {row['budget_violations']} | {_fmt(row['gap_recovered'], '.2f')} | {_fmt(row.get('well_formed'), '.3f')} |"
         )
     return "\n".join(lines)
 
@@ -71,7 +71,7 @@ def frontier_plot(rows: list[dict], path: Path, title: str) -> None:
         for r in group:
             if r["policy"].startswith("random"):
                 continue
-            marker = "*" if r["policy"] == "oracle" else "o"
+            marker = "*" if r["policy"] == "oracle" else ("D" if r["policy"].startswith("router") else "o")
             ax.plot(r["mean_cost_usd"], r["success"], marker, markersize=12 if marker == "*" else 8, label=r["policy"])
         ax.set_title(f"budget: {budget}")
         ax.set_xlabel("mean cost per task (USD)")

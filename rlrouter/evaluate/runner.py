@@ -137,6 +137,9 @@ def summarize(records: list[EpisodeRecord], top_tier: str) -> list[dict]:
                 else None
             ),
         }
+        if any("well_formed" in r.extra for r in group):
+            turns = sum(r.extra["turns"] for r in group)
+            row["well_formed"] = sum(r.extra["well_formed"] * r.extra["turns"] for r in group) / max(1, turns)
         if any("oracle_found" in r.extra for r in group):
             row["oracle_found"] = mean(r.extra.get("oracle_found", False) for r in group)
         rows.append(row)

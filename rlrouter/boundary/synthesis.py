@@ -1,0 +1,157 @@
+"""Stratified synthesis of SFT trajectories from the boundary taxonomy (BoPO; shared/DESIGN.md).
+
+- easy and intractable tasks -> an always-small trajectory (cheap success, cheap failure);
+- hard tasks -> for k = 0..N, M trajectories that route each step to the priciest tier with
+  probability k/N, all with the task's episode seed; keep the cheapest successful one, then
+  prune it (drop each large call whose removal keeps the success, cheaper). If none
+  succeeds: the always-large trajectory when it succeeds, else the task is left out and
+  counted.
+
+Each trajectory is written as the router conversation (rlrouter.router.prompt), with the
+think text built only from what the router could see at that step. Every trajectory is
+played under a budget drawn (seeded) from ``synth.budgets`` and written in its prompt, so
+the router sees budgets during SFT. Same recipe + seed -> the same dataset.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from envs.budget import Budget
+from envs.routing import RoutingEnv, nearest_allowed
+from rlrouter.boundary.runs import BoundaryStats, boundary_runs, classify, taxonomy_counts
+from rlrouter.router.prompt import (feedback_user_message, first_user_message, format_route, system_message,
+                                    think_text)
+
+
+@dataclass
+class Trajectory:
+    task_id: str
+    budget: str
+    success: bool
+    cost_usd: float
+    actions: list[int]
+    messages: list[dict] = field(default_factory=list)
+
+
+def play_trajectory(env: RoutingEnv, task_id: str, budget: Budget, seed: int, choose) -> Trajectory:
+    """Play one episode; ``choose(view) -> tier index`` (remapped to the mask); record the chat."""
+    env.reset(seed=seed, options={"task_id": task_id, "budget": budget})
+    messages = [{"role": "system", "content": system_message(env.pool.describe())}]
+    actions = []
+    while True:
+        view = env.view()
+        messages.append({"role": "user",
+                         "content": first_user_message(view) if not view["history"] else feedback_user_message(view)})
+        mask = np.asarray(view["action_mask"], dtype=np.int8)
+        action = int(choose(view))
+        if mask.any() and not mask[action]:
+            action = nearest_allowed(action, mask)
+        messages.append({"role": "assistant", "content": format_route(env.pool.tiers[action].name, think_text(view))})
+        _, _, terminated, truncated, info = env.step(action)
+        actions.append(action)
+        if terminated or truncated:
+            return Trajectory(task_id, budget.label, bool(info["success"]), float(info["cost_usd"]), actions, messages)
+
+
+def cheapest_successful(env: RoutingEnv, task_id: str, budget: Budget, seed: int, n_strata: int,
+                        samples: int) -> Trajectory | None:
+    """Stratified search: P(priciest) = k/N for k = 0..N, ``samples`` each; cheapest success.
+
+    Every sample plays the episode with the same ``seed``."""
+    top = len(env.pool) - 1
+    best = None
+    for k in range(n_strata + 1):
+        for m in range(samples):
+            # One episode seed for every sample: the world's draws are shared (common random
+            # numbers), so samples differ only in where they spend large calls, and the
+            # cheapest success puts them where the small model would fail, not on luck.
+            rng = np.random.default_rng([seed, k, m])
+            p = k / n_strata
+            traj = play_trajectory(env, task_id, budget, seed, lambda view: top if rng.random() < p else 0)
+            if traj.success and (best is None or traj.cost_usd < best.cost_usd):
+                best = traj
+    return prune_large_calls(env, task_id, budget, seed, best) if best is not None else None
+
+
+def prune_large_calls(env: RoutingEnv, task_id: str, budget: Budget, seed: int, traj: Trajectory) -> Trajectory:
+    """Drop the priciest-tier calls the success did not need: replay (same seed) with each
+    one switched to the cheapest tier, in order, and keep every switch that still succeeds
+    at a lower cost. Random placement puts many large calls on routine steps; this pass
+    leaves them where the small model would have failed."""
+    top = len(env.pool) - 1
+    for index in range(len(traj.actions)):
+        if traj.actions[index] != top:
+            continue
+        route = list(traj.actions)
+        route[index] = 0
+        candidate = play_trajectory(env, task_id, budget, seed,
+                                    lambda view, r=route: r[len(view["history"])] if len(view["history"]) < len(r) else 0)
+        if candidate.success and candidate.cost_usd < traj.cost_usd:
+            traj = candidate
+    return traj
+
+
+def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed: int = 0, k_boundary: int = 5,
+               theta: float = 0.5, n_strata: int = 4, samples: int = 4, progress: bool = True):
+    """Boundary runs, taxonomy and stratified synthesis. Returns (dataset, stats, labels, report)."""
+    from datasets import Dataset
+
+    stats = boundary_runs(env, task_ids, k=k_boundary, seed=seed, progress=progress)
+    labels = {t: classify(s.s_small, s.s_large, theta) for t, s in stats.items()}
+    top = len(env.pool) - 1
+    rows, skipped = [], []
+    for index, task_id in enumerate(tqdm(task_ids, desc="synthesis", disable=not progress, leave=False)):
+        rng = np.random.default_rng([seed, 17, index])
+        budget = budgets[int(rng.integers(len(budgets)))]
+        episode_seed = int(rng.integers(2**31 - 1))
+        if labels[task_id] == "hard":
+            traj = cheapest_successful(env, task_id, budget, episode_seed, n_strata, samples)
+            if traj is None:
+                fallback = play_trajectory(env, task_id, budget, episode_seed, lambda view: top)
+                traj = fallback if fallback.success else None
+        else:
+            traj = play_trajectory(env, task_id, budget, episode_seed, lambda view: 0)
+        if traj is None:
+            skipped.append(task_id)
+            continue
+        s = stats[task_id]
+        rows.append({
+            "messages": traj.messages,
+            "task_id": task_id,
+            "taxonomy": labels[task_id],
+            "budget": traj.budget,
+            "success": traj.success,
+            "cost_usd": traj.cost_usd,
+            "large_calls": int(sum(a == top for a in traj.actions)),
+            "steps": len(traj.actions),
+            "s_small": s.s_small, "s_large": s.s_large, "c_small": s.c_small, "c_large": s.c_large,
+        })
+    dataset = Dataset.from_list(rows)
+    report = {
+        "tasks": len(task_ids),
+        "examples": len(rows),
+        "skipped_hard_without_success": skipped,
+        "taxonomy_counts": taxonomy_counts(labels),
+        "mean_large_fraction_hard": float(np.mean([r["large_calls"] / r["steps"] for r in rows
+                                                   if r["taxonomy"] == "hard"] or [0.0])),
+        "success_rate_of_examples": float(np.mean([r["success"] for r in rows] or [0.0])),
+    }
+    return dataset, stats, labels, report
+
+
+def save_synthesis(out_dir: str | Path, dataset, stats: dict[str, BoundaryStats], labels: dict[str, str],
+                   report: dict) -> Path:
+    """``out_dir/dataset`` (datasets.save_to_disk), ``boundary.json`` (per-task stats) and ``report.json``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dataset.save_to_disk(str(out_dir / "dataset"))
+    (out_dir / "boundary.json").write_text(json.dumps(
+        {t: {**s.to_dict(), "taxonomy": labels[t]} for t, s in stats.items()}, indent=1))
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    return out_dir

@@ -1,0 +1,122 @@
+"""Router models: any causal LM via ``from_pretrained``, or the embedded tiny default.
+
+The embedded default needs no download: a byte-level BPE tokenizer is trained locally on
+text from the recipe's world (router conversations), and a small Qwen2-architecture model
+is built from a config (head_dim 64, which vLLM's CPU backend requires). Both are saved as
+a normal Hugging Face directory and loaded back with ``AutoModelForCausalLM`` /
+``AutoTokenizer.from_pretrained`` — the same code path as a hub model on a GPU machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+from rlrouter.router.prompt import FORMAT_TAGS
+
+# The assistant turn (its content and its end-of-turn token) sits inside
+# {% generation %} so that TRL's assistant_only_loss trains on exactly the router's tokens.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' -}}{% endgeneration %}{{- '\n' -}}"
+    "{%- else -%}"
+    "{{- message['content'] + '<|im_end|>\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@dataclass(frozen=True)
+class TinyRouterConfig:
+    """Size of the embedded router (recipe ``router:`` section).
+
+    Attributes:
+        vocab_size: BPE vocabulary trained on the world's text.
+        hidden_size / num_hidden_layers / num_attention_heads / num_key_value_heads:
+            the Qwen2 shape; hidden_size / num_attention_heads must be 64.
+        intermediate_size: MLP width.
+        max_position_embeddings: longest conversation (tokens).
+        tokenizer_texts: router conversations rendered to train the tokenizer.
+    """
+
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    intermediate_size: int = 384
+    max_position_embeddings: int = 4096
+    tokenizer_texts: int = 400
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads or self.hidden_size // self.num_attention_heads != 64:
+            raise ValueError(
+                f"router: hidden_size / num_attention_heads must be 64 (vLLM's CPU backend needs head_dim 64), "
+                f"got {self.hidden_size} / {self.num_attention_heads}"
+            )
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048):
+    """A byte-level BPE tokenizer trained on ``texts``, with the router's tags as single tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+        model_max_length=TinyRouterConfig.max_position_embeddings,
+    )
+    # Format tags are atomic tokens but not "special": decoding keeps them.
+    fast.add_tokens(list(FORMAT_TAGS))
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def build_tiny_router(tokenizer, config: TinyRouterConfig | None = None, seed: int = 0):
+    """A freshly initialized Qwen2 causal LM sized by ``config`` for ``tokenizer``."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = config or TinyRouterConfig()
+    torch.manual_seed(seed)
+    model_config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.hidden_size // config.num_attention_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    model = Qwen2ForCausalLM(model_config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def config_dict(config: TinyRouterConfig) -> dict:
+    return asdict(config)
