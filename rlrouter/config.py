@@ -114,6 +114,8 @@ class SynthSection:
         taxonomy_threshold: θ of the taxonomy.
         n_strata: N of the stratified search (P(large) = k/N, k = 0..N).
         samples: M trajectories per stratum.
+        hard_repeat: times each hard task's trajectory appears in the dataset (balances the
+            strata: easy and intractable tasks contribute only always-small turns).
         out_dir: default ``runs/<name>/synth``.
     """
 
@@ -123,7 +125,8 @@ class SynthSection:
     boundary_k: int = 5
     taxonomy_threshold: float = 0.5
     n_strata: int = 4
-    samples: int = 8
+    samples: int = 16
+    hard_repeat: int = 1
     out_dir: str | None = None
 
 
@@ -133,28 +136,27 @@ class RouterSection:
 
     Attributes:
         base: ``tiny`` (built from a config, tokenizer trained locally) or a model path / id.
-        vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
-        num_key_value_heads, intermediate_size, max_position_embeddings: the tiny model's shape.
+        tiny: the tiny model's shape, fields of ``rlrouter.router.model.TinyRouterConfig``
+            (vocab_size, hidden_size, num_hidden_layers, ...); defaults when empty.
+        prompt_mode: ``step`` (one short chat per decision: the state with a bounded window
+            of history) or ``episode`` (the whole episode as one growing chat).
         max_new_tokens: generation cap per router turn.
         batch_size: episodes played in lockstep during evaluation.
     """
 
     base: str = "tiny"
-    vocab_size: int = 2048
-    hidden_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 2
-    num_key_value_heads: int = 1
-    intermediate_size: int = 384
-    max_position_embeddings: int = 4096
+    prompt_mode: str = "step"
+    tiny: dict = field(default_factory=dict)
     max_new_tokens: int = 32
     batch_size: int = 64
 
     def tiny_config(self):
         from rlrouter.router.model import TinyRouterConfig
 
-        return TinyRouterConfig(self.vocab_size, self.hidden_size, self.num_hidden_layers, self.num_attention_heads,
-                                self.num_key_value_heads, self.intermediate_size, self.max_position_embeddings)
+        known = set(TinyRouterConfig.__dataclass_fields__)
+        if set(self.tiny) - known:
+            raise ValueError(f"router.tiny: unknown field(s) {sorted(set(self.tiny) - known)}; allowed: {sorted(known)}")
+        return TinyRouterConfig(**self.tiny)
 
 
 @dataclass
@@ -273,6 +275,8 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
     synth = _section(SynthSection, data.get("synth"), f"{where}: synth")
     router = _section(RouterSection, data.get("router"), f"{where}: router")
     sft = _section(SFTSettings, data.get("sft"), f"{where}: sft")
+    if router.prompt_mode not in ("step", "episode"):
+        raise RecipeError(f"{where}: router.prompt_mode must be 'step' or 'episode', got {router.prompt_mode!r}")
     if router.base == "tiny":
         try:
             router.tiny_config()

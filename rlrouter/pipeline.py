@@ -19,7 +19,8 @@ def run_synth(recipe: Recipe, out_dir: str | Path | None = None, progress: bool 
         raise ValueError(f"synth.tasks = {cfg.tasks}, but split {cfg.split!r} has only {len(env.task_ids)} tasks")
     dataset, stats, labels, report = synthesize(
         env, env.task_ids[: cfg.tasks], recipe.synth_budgets(), seed=recipe.seed, k_boundary=cfg.boundary_k,
-        theta=cfg.taxonomy_threshold, n_strata=cfg.n_strata, samples=cfg.samples, progress=progress)
+        theta=cfg.taxonomy_threshold, n_strata=cfg.n_strata, samples=cfg.samples, hard_repeat=cfg.hard_repeat,
+        progress=progress)
     out = save_synthesis(Path(out_dir) if out_dir else recipe.synth_dir(), dataset, stats, labels, report)
     write_boundary_report(out, stats, labels, title=f"{recipe.name}: boundary runs ({cfg.split})")
     return {"dir": out, "report": report, "dataset": dataset}
@@ -32,8 +33,8 @@ def build_router(recipe: Recipe, dataset):
 
     if recipe.router.base != "tiny":
         return load_router(recipe.router.base)
-    texts = ("\n".join(m["content"] for m in messages) for messages in dataset["messages"])
-    tokenizer = train_tokenizer(texts, recipe.router.vocab_size)
+    texts = ("\n".join(m["content"] for m in messages) for messages in dataset["messages"])  # noqa: B023
+    tokenizer = train_tokenizer(texts, recipe.router.tiny_config().vocab_size)
     return build_tiny_router(tokenizer, recipe.router.tiny_config(), seed=recipe.seed), tokenizer
 
 
@@ -47,6 +48,10 @@ def run_sft_stage(recipe: Recipe, synth_dir: str | Path | None = None, out_dir: 
     if not (synth_dir / "dataset").is_dir():
         raise FileNotFoundError(f"no synthesized dataset at {synth_dir / 'dataset'}; run `rlrouter synth` first")
     dataset = load_from_disk(str(synth_dir / "dataset"))
+    if recipe.router.prompt_mode == "step":
+        from rlrouter.boundary.synthesis import step_examples
+
+        dataset = step_examples(dataset)
     out_dir = Path(out_dir) if out_dir else recipe.sft_dir()
     resume_from = None
     if resume:
@@ -61,7 +66,8 @@ def run_sft_stage(recipe: Recipe, synth_dir: str | Path | None = None, out_dir: 
         "pool": recipe.pool.describe(),
         "budgets": [b.to_dict() for b in recipe.synth_budgets()],
         "cost_lambda": recipe.env.cost_lambda,
-        "router": {"base": recipe.router.base, "max_new_tokens": recipe.router.max_new_tokens},
+        "router": {"base": recipe.router.base, "prompt_mode": recipe.router.prompt_mode,
+                   "max_new_tokens": recipe.router.max_new_tokens},
         "training": {"recipe": recipe.name, "seed": recipe.seed, "synth_dir": str(synth_dir)},
     }
     return run_sft(model, tokenizer, dataset, recipe.sft, out_dir, meta, seed=recipe.seed,

@@ -59,11 +59,25 @@ def test_conversation_messages_come_from_the_env_view():
     first = first_user_message(view)
     assert first.startswith(f"Task: {view['task']}\nBudget: $0.0500 of $0.0500 left; large calls 5 of 5 left\n")
     assert first.endswith(f"Next: {view['step_text']}")
-    words = view["step_text"].split()
-    assert think_text(view) == f"start; large 5, $0.050; {words[0]} {words[1]}"
+    assert think_text(view) == "start; large 5, $0.050"
     env.step(1)
     view = env.view()
     feedback = feedback_user_message(view)
     assert feedback.startswith(f"<information>{view['history'][-1]['event']}: ")
     assert "large calls 4 of 5 left" in feedback
     assert len(feedback.split("</information>")[0]) <= len("<information>") + len(view["history"][-1]["event"]) + 64
+
+
+def test_step_prompt_holds_the_state_with_a_bounded_history_window():
+    from rlrouter.router.prompt import step_user_message
+
+    env = make_routing_env("synthetic", budget={"large_calls": 5})
+    env.reset(seed=0, options={"task_id": "train-1"})
+    for action in (1, 0, 0, 1, 0, 0):
+        env.step(action)
+    view = env.view()
+    text = step_user_message(view, window=4)
+    shown = ", ".join(f"{h['tier']} {h['event']}" for h in view["history"][-4:])
+    assert f"Last 4 of 6 steps: {shown}\n" in text
+    assert text.startswith(f"Task: {view['task']}\nBudget: large calls 3 of 5 left\nSpent ${view['cost_usd']:.4f}.")
+    assert text.endswith(f"Next: {view['step_text']}")

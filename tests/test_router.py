@@ -42,6 +42,17 @@ def trained(tmp_path_factory):
     return recipe, checkpoint
 
 
+def first_turns(n: int) -> list[list[dict]]:
+    """The router's first chat of test tasks 0..n-1 (system + first user turn)."""
+    env = make_routing_env("synthetic", world={"n_test": 10}, split="test")
+    convs = []
+    for i in range(n):
+        env.reset(seed=i, options={"task_id": f"test-{i}"})
+        convs.append([{"role": "system", "content": system_message(env.pool.describe())},
+                      {"role": "user", "content": first_user_message(env.view())}])
+    return convs
+
+
 def two_query_env(tmp_path, cheap_correct):
     path = tmp_path / "t.jsonl"
     rows = [{"prompt": f"q{i}", "cheap": cheap_correct[i % len(cheap_correct)], "strong": True,
@@ -85,6 +96,7 @@ def test_trajectory_messages_are_the_router_conversation():
     roles = [m["role"] for m in traj.messages]
     assert roles[:3] == ["system", "user", "assistant"] and roles.count("assistant") == len(traj.actions)
     assert sum(traj.actions) == 2  # large masked after two calls: remapped to small
+    assert len(traj.step_prompts) == len(traj.actions)
     for m in traj.messages[2::2]:
         assert parse_strict(m["content"], ["small", "large"]).tier in ("small", "large")
 
@@ -111,6 +123,21 @@ def test_synthesized_dataset_carries_taxonomy_and_boundary_stats():
         else:
             assert row["success"]
     assert report["examples"] + len(report["skipped_hard_without_success"]) == 30
+
+
+def test_step_examples_make_one_chat_per_decision():
+    from rlrouter.boundary.synthesis import step_examples
+
+    env = make_routing_env("synthetic", world={"n_train": 6})
+    ds = synthesize(env, env.task_ids, [Budget()], seed=0, k_boundary=1, n_strata=1, samples=1, progress=False)[0]
+    steps = step_examples(ds)
+    assert len(steps) == sum(ds["steps"])
+    first = ds[0]
+    routes = [m for m in first["messages"] if m["role"] == "assistant"]
+    for k, example in enumerate(steps.select(range(first["steps"]))):
+        assert [m["role"] for m in example["messages"]] == ["system", "user", "assistant"]
+        assert example["messages"][1]["content"] == first["step_prompts"][k]
+        assert example["messages"][2] == routes[k]
 
 
 def test_route_constraint_allows_only_unmasked_tiers():
@@ -142,12 +169,7 @@ def test_checkpoint_round_trip_gives_identical_generations(trained, tmp_path):
     assert (path / "trainer_state" / "optimizer.pt").is_file()
     copy = save_checkpoint(model, tokenizer, tmp_path / "copy", {"pool": meta["pool"], "training": meta["training"]})
     model2, tokenizer2, _ = load_checkpoint(copy)
-    env = make_routing_env("synthetic", world={"n_test": 10}, split="test")
-    convs = []
-    for i in range(4):
-        env.reset(seed=i, options={"task_id": f"test-{i}"})
-        convs.append([{"role": "system", "content": system_message(env.pool.describe())},
-                      {"role": "user", "content": first_user_message(env.view())}])
+    convs = first_turns(4)
     masks = [np.array([1, 1], dtype=np.int8)] * 4
     a = RouterPolicy(model, tokenizer, recipe.pool.names).generate_turns(convs, masks)
     b = RouterPolicy(model2, tokenizer2, recipe.pool.names).generate_turns(convs, masks)
@@ -158,10 +180,7 @@ def test_checkpoint_round_trip_gives_identical_generations(trained, tmp_path):
 def test_constrained_decoding_never_generates_a_masked_tier(trained):
     recipe, path = trained
     model, tokenizer, _ = load_checkpoint(path)
-    env = make_routing_env("synthetic", world={"n_test": 10}, split="test")
-    env.reset(seed=0, options={"task_id": "test-0"})
-    conv = [{"role": "system", "content": system_message(env.pool.describe())},
-            {"role": "user", "content": first_user_message(env.view())}]
+    conv = first_turns(1)[0]
     eager = RouterPolicy(model, tokenizer, recipe.pool.names, route_bias=50.0)  # wants large at any price
     both = eager.generate_turns([conv] * 3, [np.array([1, 1], dtype=np.int8)] * 3)
     small_only = eager.generate_turns([conv] * 3, [np.array([1, 0], dtype=np.int8)] * 3)
@@ -212,12 +231,7 @@ def test_router_plays_budgeted_episodes_without_violations(trained):
 def test_vllm_engine_gives_the_same_greedy_routes_as_transformers(trained, tmp_path):
     recipe, path = trained
     model, tokenizer, _ = load_checkpoint(path)
-    env = make_routing_env("synthetic", world={"n_test": 10}, split="test")
-    convs = []
-    for i in range(8):
-        env.reset(seed=i, options={"task_id": f"test-{i}"})
-        convs.append([{"role": "system", "content": system_message(env.pool.describe())},
-                      {"role": "user", "content": first_user_message(env.view())}])
+    convs = first_turns(8)
     prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs]
     hf = RouterPolicy(model, tokenizer, recipe.pool.names, constrain=False).generate_turns(
         convs, [np.array([1, 1], dtype=np.int8)] * len(convs))
@@ -232,3 +246,19 @@ def test_vllm_engine_gives_the_same_greedy_routes_as_transformers(trained, tmp_p
     vllm_routes = [parse_tolerant(t, recipe.pool.names, "none").tier for t in texts]
     assert vllm_routes == [t.tier for t in hf]
     assert sum(t == h.text for t, h in zip(texts, hf)) >= len(hf) - 1  # same text, allowing one fp tie
+
+
+@pytest.mark.slow
+def test_eval_with_a_checkpoint_reports_the_router_beside_the_baselines(trained, tmp_path):
+    from rlrouter.evaluate.job import eval_recipe
+
+    recipe, path = trained
+    recipe.eval.router_bias = [0.0, 2.0]
+    result = eval_recipe(recipe, budgets=[Budget(max_calls={"large": 1})], tasks=4, out_dir=tmp_path,
+                         policies=["always-small", "oracle"], checkpoint=path, progress=False)
+    rows = {(r["policy"], r["budget"]): r for r in result["rows"]}
+    for name in ("router", "router(bias=2)"):
+        row = rows[(name, "large_calls=1")]
+        assert row["episodes"] == 4 and row["budget_violations"] == 0
+        assert 0.0 <= row["well_formed"] <= 1.0
+    assert "| large_calls=1 | router(bias=2) |" in (tmp_path / "results.md").read_text()

@@ -51,6 +51,20 @@ class RouterView:
     max_steps: int  # step limit
 
 
+def config_from_dict(cls, data: dict, where: str, what: str):
+    """Build a world-config dataclass; unknown fields are named with the allowed ones.
+    YAML lists become tuples (the configs are frozen and hashable)."""
+    known = set(cls.__dataclass_fields__)
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown {what} field(s) {sorted(unknown)}; allowed: {sorted(known)}")
+    return cls(**{key: _tuplify(value) for key, value in data.items()})
+
+
+def _tuplify(value):
+    return tuple(_tuplify(v) for v in value) if isinstance(value, list) else value
+
+
 class World(ABC):
     """A task family the router routes agent steps in."""
 

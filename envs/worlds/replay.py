@@ -43,7 +43,7 @@ import numpy as np
 
 from envs.pool import Pool, Tier
 from envs.tokens import token_counter
-from envs.worlds.base import BASE_CHARSET, RouterView, StepResult, World
+from envs.worlds.base import BASE_CHARSET, RouterView, StepResult, World, config_from_dict
 
 ROUTELLM_CHEAP = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 ROUTELLM_STRONG = "gpt-4-1106-preview"
@@ -204,14 +204,7 @@ class ReplayConfig:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "world") -> "ReplayConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"{where}: unknown replay-world field(s) {sorted(unknown)}; allowed: {sorted(known)}")
-        data = dict(data)
-        if isinstance(data.get("models"), list):
-            data["models"] = tuple(data["models"])
-        config = cls(**data)
+        config = config_from_dict(cls, data, where, "replay-world")
         if config.source not in ("routellm-mmlu", "routellm-gsm8k", "table"):
             raise ValueError(f"{where}.source {config.source!r} is unknown; use routellm-mmlu, routellm-gsm8k or table")
         if config.source == "table" and not config.table:

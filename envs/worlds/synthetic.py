@@ -34,7 +34,7 @@ import numpy as np
 
 from envs.pool import Pool, Tier
 from envs.tokens import count_tokens
-from envs.worlds.base import RouterView, StepResult, World
+from envs.worlds.base import RouterView, StepResult, World, config_from_dict
 
 THEMES = [
     ("Data pipeline", ["the sensor log", "the ingestion job", "the nightly export", "the event stream"]),
@@ -106,23 +106,12 @@ class SyntheticConfig:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "world") -> "SyntheticConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"{where}: unknown synthetic-world field(s) {sorted(unknown)}; allowed: {sorted(known)}")
-        fixed = {}
-        for key, value in data.items():
-            fixed[key] = _tuplify(value) if isinstance(value, list) else value
-        config = cls(**fixed)
+        config = config_from_dict(cls, data, where, "synthetic-world")
         if not 1 <= config.min_length <= config.max_length:
             raise ValueError(f"{where}: need 1 <= min_length <= max_length, got {config.min_length}, {config.max_length}")
         if abs(sum(config.archetype_probs) - 1.0) > 1e-6:
             raise ValueError(f"{where}.archetype_probs must sum to 1, got {config.archetype_probs}")
         return config
-
-
-def _tuplify(value):
-    return tuple(_tuplify(v) for v in value) if isinstance(value, list) else value
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from envs.budget import Budget
 from envs.routing import RoutingEnv, nearest_allowed
 from rlrouter.boundary.runs import BoundaryStats, boundary_runs, classify, taxonomy_counts
-from rlrouter.router.prompt import (feedback_user_message, first_user_message, format_route, system_message,
-                                    think_text)
+from rlrouter.router.prompt import (feedback_user_message, first_user_message, format_route, step_user_message,
+                                    system_message, think_text)
 
 
 @dataclass
@@ -37,17 +37,19 @@ class Trajectory:
     cost_usd: float
     actions: list[int]
     messages: list[dict] = field(default_factory=list)
+    step_prompts: list[str] = field(default_factory=list)  # step_user_message at each decision
 
 
 def play_trajectory(env: RoutingEnv, task_id: str, budget: Budget, seed: int, choose) -> Trajectory:
     """Play one episode; ``choose(view) -> tier index`` (remapped to the mask); record the chat."""
     env.reset(seed=seed, options={"task_id": task_id, "budget": budget})
     messages = [{"role": "system", "content": system_message(env.pool.describe())}]
-    actions = []
+    actions, step_prompts = [], []
     while True:
         view = env.view()
         messages.append({"role": "user",
                          "content": first_user_message(view) if not view["history"] else feedback_user_message(view)})
+        step_prompts.append(step_user_message(view))
         mask = np.asarray(view["action_mask"], dtype=np.int8)
         action = int(choose(view))
         if mask.any() and not mask[action]:
@@ -56,7 +58,8 @@ def play_trajectory(env: RoutingEnv, task_id: str, budget: Budget, seed: int, ch
         _, _, terminated, truncated, info = env.step(action)
         actions.append(action)
         if terminated or truncated:
-            return Trajectory(task_id, budget.label, bool(info["success"]), float(info["cost_usd"]), actions, messages)
+            return Trajectory(task_id, budget.label, bool(info["success"]), float(info["cost_usd"]), actions, messages,
+                              step_prompts)
 
 
 def cheapest_successful(env: RoutingEnv, task_id: str, budget: Budget, seed: int, n_strata: int,
@@ -98,7 +101,7 @@ def prune_large_calls(env: RoutingEnv, task_id: str, budget: Budget, seed: int, 
 
 
 def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed: int = 0, k_boundary: int = 5,
-               theta: float = 0.5, n_strata: int = 4, samples: int = 4, progress: bool = True):
+               theta: float = 0.5, n_strata: int = 4, samples: int = 4, hard_repeat: int = 1, progress: bool = True):
     """Boundary runs, taxonomy and stratified synthesis. Returns (dataset, stats, labels, report)."""
     from datasets import Dataset
 
@@ -123,6 +126,7 @@ def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed
         s = stats[task_id]
         rows.append({
             "messages": traj.messages,
+            "step_prompts": traj.step_prompts,
             "task_id": task_id,
             "taxonomy": labels[task_id],
             "budget": traj.budget,
@@ -132,10 +136,13 @@ def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed
             "steps": len(traj.actions),
             "s_small": s.s_small, "s_large": s.s_large, "c_small": s.c_small, "c_large": s.c_large,
         })
+    # Hard tasks are where routing decisions are learned; repeating them balances the strata.
+    rows = [r for r in rows for _ in range(hard_repeat if r["taxonomy"] == "hard" else 1)]
     dataset = Dataset.from_list(rows)
     report = {
         "tasks": len(task_ids),
         "examples": len(rows),
+        "hard_repeat": hard_repeat,
         "skipped_hard_without_success": skipped,
         "taxonomy_counts": taxonomy_counts(labels),
         "mean_large_fraction_hard": float(np.mean([r["large_calls"] / r["steps"] for r in rows
@@ -143,6 +150,18 @@ def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed
         "success_rate_of_examples": float(np.mean([r["success"] for r in rows] or [0.0])),
     }
     return dataset, stats, labels, report
+
+
+def step_examples(dataset):
+    """One short chat per decision: [system, step prompt, the trajectory's route turn]."""
+    from datasets import Dataset
+
+    rows = []
+    for messages, prompts in zip(dataset["messages"], dataset["step_prompts"]):
+        routes = [m for m in messages if m["role"] == "assistant"]
+        for prompt, route in zip(prompts, routes):
+            rows.append({"messages": [messages[0], {"role": "user", "content": prompt}, route]})
+    return Dataset.from_list(rows)
 
 
 def save_synthesis(out_dir: str | Path, dataset, stats: dict[str, BoundaryStats], labels: dict[str, str],

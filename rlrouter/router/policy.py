@@ -25,7 +25,8 @@ from envs.budget import Budget
 from envs.routing import nearest_allowed
 from rlrouter.evaluate.runner import EpisodeRecord, budget_violated, episode_seed
 from rlrouter.router.prompt import (ROUTE_CLOSE, ROUTE_OPEN, RouteFormatError, feedback_user_message,
-                                    first_user_message, parse_strict, parse_tolerant, system_message)
+                                    first_user_message, parse_strict, parse_tolerant, step_user_message,
+                                    system_message)
 
 
 class RouteConstraint(LogitsProcessor):
@@ -84,7 +85,7 @@ class RouterPolicy:
 
     def __init__(self, model, tokenizer, pool_names: list[str], max_new_tokens: int = 48, batch_size: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, constrain: bool = True, route_bias: float = 0.0,
-                 name: str = "router"):
+                 prompt_mode: str = "step", name: str = "router"):
         self.model = model
         self.tokenizer = tokenizer
         self.pool_names = list(pool_names)
@@ -94,6 +95,9 @@ class RouterPolicy:
         self.temperature = temperature
         self.constrain = constrain
         self.route_bias = route_bias
+        if prompt_mode not in ("step", "episode"):
+            raise ValueError(f"prompt_mode must be 'step' or 'episode', got {prompt_mode!r}")
+        self.prompt_mode = prompt_mode
         self.name = name
 
     @torch.no_grad()
@@ -147,7 +151,12 @@ class RouterPolicy:
             live = list(range(len(chunk)))
             steps = [0] * len(chunk)
             while live:
-                turns = self.generate_turns([conversations[i] for i in live], [infos[i]["action_mask"] for i in live])
+                if self.prompt_mode == "step":  # the state with a bounded history window, one chat per decision
+                    prompts = [[conversations[i][0], {"role": "user", "content": step_user_message(envs[i].view())}]
+                               for i in live]
+                else:
+                    prompts = [conversations[i] for i in live]
+                turns = self.generate_turns(prompts, [infos[i]["action_mask"] for i in live])
                 still = []
                 for i, turn in zip(live, turns):
                     env = envs[i]

@@ -141,12 +141,25 @@ def feedback_user_message(view: dict) -> str:
             f"Spent ${view['cost_usd']:.4f}. Budget: {budget_text(view)}\n{step_line(view)}")
 
 
+HISTORY_WINDOW = 4  # steps of history in a step prompt
+
+
+def step_user_message(view: dict, window: int = HISTORY_WINDOW) -> str:
+    """The whole state in one user turn, with a bounded window of history: the prompt of
+    ``prompt_mode: step`` (one short chat per decision) instead of the growing episode chat."""
+    history = view["history"][-window:] if window > 0 else []
+    shown = ", ".join(f"{h['tier']} {'ok' if h['event'] == 'ok' else h['event']}" for h in history) or "none"
+    return (f"Task: {view['task']}\nBudget: {budget_text(view)}\nSpent ${view['cost_usd']:.4f}. "
+            f"Last {len(history)} of {len(view['history'])} steps: {shown}\n{step_line(view)}")
+
+
 def think_text(view: dict) -> str:
-    """Short reasoning written only from what the router can see at this step."""
+    """Short reasoning written only from what the router can see at this step: the last
+    outcome and the caps left. It does not echo the step text: a small router that cannot
+    yet copy would route on its own mis-copied words instead of the user turn."""
     history = view["history"]
     last = "start" if not history else ("ok" if history[-1]["event"] == "ok" else "failed")
     caps = [f"{tier} {left}" for tier, left in sorted(view["calls_left"].items())]
     if view["budget"].get("usd") is not None:
         caps.append(f"${view['usd_left']:.3f}")
-    words = view["step_text"].split()
-    return f"{last}; {', '.join(caps) or 'no cap'}; {' '.join(words[:2])}"
+    return f"{last}; {', '.join(caps) or 'no cap'}"
