@@ -145,7 +145,7 @@ def test_route_constraint_allows_only_unmasked_tiers():
         eos_token_id = 0
 
         def convert_tokens_to_ids(self, t):
-            return {"<route>": 5, "</route>": 6}[t]
+            return {"<route>": 5, "</route>": 6, "</think>": 3}[t]
 
         def encode(self, text, add_special_tokens=False):
             return {"small": [7], "large": [8, 9]}[text]
@@ -158,7 +158,10 @@ def test_route_constraint_allows_only_unmasked_tiers():
     assert scores[1, 8] == 3.0 and scores[1, 7] == 0.0  # the bias goes to the priciest tier
     assert proc.allowed_next(1, [4, 5, 8]) == [9]
     assert proc.allowed_next(1, [4, 5, 8, 9, 6]) == [0]  # after </route>: end the turn
-    assert proc.allowed_next(0, [4, 3]) is None  # no <route> yet: unconstrained
+    assert proc.allowed_next(0, [4, 2]) is None  # no <route> yet: free, except ending the turn
+    assert proc.allowed_next(0, [4, 3]) == [5]  # </think> is followed by <route>
+    free = proc(torch.tensor([[1, 4, 2]]), torch.zeros(1, 10))
+    assert free[0, 0] == -float("inf") and torch.isfinite(free[0, 1:]).all()
 
 
 @pytest.mark.slow

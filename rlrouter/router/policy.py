@@ -24,13 +24,15 @@ from tqdm.auto import tqdm
 from envs.budget import Budget
 from envs.routing import nearest_allowed
 from rlrouter.evaluate.runner import EpisodeRecord, budget_violated, episode_seed
-from rlrouter.router.prompt import (ROUTE_CLOSE, ROUTE_OPEN, RouteFormatError, feedback_user_message,
+from rlrouter.router.prompt import (ROUTE_CLOSE, ROUTE_OPEN, THINK_CLOSE, RouteFormatError, feedback_user_message,
                                     first_user_message, parse_strict, parse_tolerant, step_user_message,
                                     system_message)
 
 
 class RouteConstraint(LogitsProcessor):
-    """Restricts what follows ``<route>`` to the allowed tiers of each batch row.
+    """Restricts what follows ``<route>`` to the allowed tiers of each batch row, and keeps
+    the turn in format: it cannot end before a route is written, and ``</think>`` is
+    followed by ``<route>``.
 
     ``route_bias`` (log-odds) is added to the first token of the priciest allowed tier right
     after ``<route>``: with two single-token tiers, greedy decoding then routes large iff
@@ -41,6 +43,7 @@ class RouteConstraint(LogitsProcessor):
     def __init__(self, tokenizer, allowed: list[list[str]], prompt_length: int, route_bias: float = 0.0):
         self.open_id = tokenizer.convert_tokens_to_ids(ROUTE_OPEN)
         self.close_id = tokenizer.convert_tokens_to_ids(ROUTE_CLOSE)
+        self.think_close_id = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
         self.eos_id = tokenizer.eos_token_id
         self.prompt_length = prompt_length
         self.sequences = [[tokenizer.encode(t, add_special_tokens=False) + [self.close_id] for t in row]
@@ -48,9 +51,9 @@ class RouteConstraint(LogitsProcessor):
         self.route_bias = float(route_bias)
 
     def allowed_next(self, row: int, generated: list[int]) -> list[int] | None:
-        """Token ids allowed next for ``row`` (None = unconstrained)."""
+        """Token ids allowed next for ``row`` (None = anything but ending the turn)."""
         if self.open_id not in generated:
-            return None
+            return [self.open_id] if generated and generated[-1] == self.think_close_id else None
         start = len(generated) - 1 - generated[::-1].index(self.open_id)
         suffix = generated[start + 1:]
         if self.close_id in suffix:
@@ -62,11 +65,13 @@ class RouteConstraint(LogitsProcessor):
         for row in range(input_ids.shape[0]):
             generated = input_ids[row, self.prompt_length:].tolist()
             allowed = self.allowed_next(row, generated)
-            if allowed is not None:
+            if allowed is None:
+                scores[row, self.eos_id] = -float("inf")  # no route yet: the turn cannot end
+            else:
                 keep = scores[row, allowed].clone()
                 scores[row, :] = -float("inf")
                 scores[row, allowed] = keep
-                if self.route_bias and generated[-1] == self.open_id and len(self.sequences[row]) > 1:
+                if self.route_bias and generated and generated[-1] == self.open_id and len(self.sequences[row]) > 1:
                     scores[row, self.sequences[row][-1][0]] += self.route_bias
         return scores
 
