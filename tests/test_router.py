@@ -1,5 +1,6 @@
 """Router LLM: tokenizer and tiny model, synthesis, SFT, checkpoints, constrained decoding, vLLM."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -255,7 +256,7 @@ def test_vllm_engine_gives_the_same_greedy_routes_as_transformers(trained, tmp_p
 def test_eval_with_a_checkpoint_reports_the_router_beside_the_baselines(trained, tmp_path):
     from rlrouter.evaluate.job import eval_recipe
 
-    recipe, path = trained
+    recipe, path = copy.deepcopy(trained[0]), trained[1]
     recipe.eval.router_bias = [0.0, 2.0]
     result = eval_recipe(recipe, budgets=[Budget(max_calls={"large": 1})], tasks=4, out_dir=tmp_path,
                          policies=["always-small", "oracle"], checkpoint=path, progress=False)
@@ -265,3 +266,31 @@ def test_eval_with_a_checkpoint_reports_the_router_beside_the_baselines(trained,
         assert row["episodes"] == 4 and row["budget_violations"] == 0
         assert 0.0 <= row["well_formed"] <= 1.0
     assert "| large_calls=1 | router(bias=2) |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_sft_resumes_from_the_checkpoint_trainer_state(trained, tmp_path):
+    import shutil
+
+    from rlrouter.pipeline import run_sft_stage
+
+    recipe, path = copy.deepcopy(trained[0]), trained[1]
+    resumed = tmp_path / "sft"
+    shutil.copytree(path, resumed)
+    before = json.loads((resumed / "rlrouter.json").read_text())["training"]["global_step"]
+    recipe.sft.epochs = TINY["sft"]["epochs"] + 1  # one more epoch than was trained
+    out = run_sft_stage(recipe, out_dir=resumed, resume=True, progress=False)
+    after = json.loads((out / "rlrouter.json").read_text())["training"]["global_step"]
+    steps_per_epoch = before // TINY["sft"]["epochs"]
+    assert after == before + steps_per_epoch  # continued, not restarted
+
+
+@pytest.mark.slow
+def test_lora_sft_saves_a_merged_model_that_loads_as_is(trained, tmp_path):
+    from rlrouter.pipeline import run_sft_stage
+
+    recipe = copy.deepcopy(trained[0])
+    recipe.sft.lora, recipe.sft.epochs = True, 1
+    out = run_sft_stage(recipe, out_dir=tmp_path / "lora", progress=False)
+    model, _, _ = load_checkpoint(out)
+    assert not any("lora" in name for name, _ in model.named_parameters())
