@@ -33,7 +33,7 @@ def build_router(recipe: Recipe, dataset):
 
     if recipe.router.base != "tiny":
         return load_router(recipe.router.base)
-    texts = ("\n".join(m["content"] for m in messages) for messages in dataset["messages"])  # noqa: B023
+    texts = ("\n".join(m["content"] for m in messages) for messages in dataset["messages"])
     tokenizer = train_tokenizer(texts, recipe.router.tiny_config().vocab_size)
     return build_tiny_router(tokenizer, recipe.router.tiny_config(), seed=recipe.seed), tokenizer
 
