@@ -149,9 +149,10 @@ class RouterPolicy:
             conversations, infos, turns_ok = [], [], [[] for _ in chunk]
             for env, (task_id, budget, seed) in zip(envs, chunk):
                 _, info = env.reset(seed=seed, options={"task_id": task_id, "budget": budget})
-                view = env.view()
-                conversations.append([{"role": "system", "content": system_message(env.pool.describe())},
-                                      {"role": "user", "content": first_user_message(view)}])
+                chat = [{"role": "system", "content": system_message(env.pool.describe())}]
+                if self.prompt_mode == "episode":  # step mode rebuilds its one user turn each step
+                    chat.append({"role": "user", "content": first_user_message(env.view())})
+                conversations.append(chat)
                 infos.append(info)
             live = list(range(len(chunk)))
             steps = [0] * len(chunk)
@@ -169,13 +170,14 @@ class RouterPolicy:
                     action = self.pool_names.index(turn.tier)
                     if mask.any() and not mask[action]:  # only possible with constrain=False
                         action = nearest_allowed(action, mask)
-                    conversations[i].append({"role": "assistant", "content": turn.text})
                     turns_ok[i].append(turn.well_formed)
                     _, _, terminated, truncated, infos[i] = env.step(action)
                     steps[i] += 1
                     if terminated or truncated:
                         continue
-                    conversations[i].append({"role": "user", "content": feedback_user_message(env.view())})
+                    if self.prompt_mode == "episode":
+                        conversations[i] += [{"role": "assistant", "content": turn.text},
+                                             {"role": "user", "content": feedback_user_message(env.view())}]
                     still.append(i)
                 live = still
             for i, (task_id, budget, _) in enumerate(chunk):
