@@ -52,22 +52,56 @@ def _sft(args) -> int:
     return 0
 
 
+def _rl(args) -> int:
+    from rlrouter.config import load_recipe
+    from rlrouter.pipeline import run_rl_stage
+
+    recipe = load_recipe(args.recipe)
+    path = run_rl_stage(recipe, init=args.init, out_dir=args.out, resume=args.resume, progress=not args.quiet)
+    _print_rl_summary(path)
+    return 0
+
+
+def _print_rl_summary(path) -> None:
+    import json
+    from pathlib import Path
+
+    last = json.loads((Path(path) / "rlrouter.json").read_text())["rl"]["last_metrics"]
+    keys = ("iteration", "reward", "success", "cost_usd", "large_fraction", "well_formed", "approx_kl", "clipfrac",
+            "entropy", "tokens_per_s")
+    print("last iteration: " + ", ".join(f"{k} {last[k]:.4g}" for k in keys if k in last))
+    print(f"checkpoint: {path}", flush=True)
+
+
 def _train(args) -> int:
+    from pathlib import Path
+
     from rlrouter.config import load_recipe
     from rlrouter.evaluate.job import eval_recipe
-    from rlrouter.pipeline import run_sft_stage, run_synth
+    from rlrouter.pipeline import run_rl_stage, run_sft_stage, run_synth
 
     recipe = load_recipe(args.recipe)
     checkpoint = None
     for stage in recipe.stages:
         print(f"== stage: {stage}", flush=True)
         if stage == "synth":
+            if args.resume and (recipe.synth_dir() / "dataset").is_dir():
+                print(f"resume: keeping {recipe.synth_dir()}", flush=True)
+                continue
             report = run_synth(recipe, progress=not args.quiet)["report"]
             print(f"synthesized {report['examples']} conversations from {report['tasks']} tasks "
                   f"(taxonomy {report['taxonomy_counts']})", flush=True)
         elif stage == "sft":
+            if args.resume and (recipe.sft_dir() / "rlrouter.json").is_file() and "rl" in recipe.stages:
+                print(f"resume: keeping {recipe.sft_dir()}", flush=True)
+                checkpoint = recipe.sft_dir()
+                continue
             checkpoint = run_sft_stage(recipe, progress=not args.quiet)
             print(f"checkpoint: {checkpoint}", flush=True)
+        elif stage == "rl":
+            resume = args.resume and (recipe.rl_dir() / "trainer_state" / "state.json").is_file()
+            checkpoint = run_rl_stage(recipe, init=checkpoint, resume=resume, progress=not args.quiet)
+            _print_rl_summary(Path(checkpoint))
         elif stage == "eval":
             _print_eval(eval_recipe(recipe, checkpoint=checkpoint, progress=not args.quiet))
     return 0
@@ -150,8 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_sft)
 
+    p = sub.add_parser("rl", help="reinforcement learning from the SFT router (GRPO, BoPO or PPO)")
+    p.add_argument("recipe")
+    p.add_argument("--init", help="checkpoint to start from (default: rl.init or the SFT checkpoint)")
+    p.add_argument("--out", help="checkpoint folder (default: rl.out_dir or runs/<name>/rl)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint's trainer_state")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_rl)
+
     p = sub.add_parser("train", help="run the recipe's stages in order")
     p.add_argument("recipe")
+    p.add_argument("--resume", action="store_true",
+                   help="keep finished stages' outputs and continue RL from its last checkpoint")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_train)
 

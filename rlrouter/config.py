@@ -29,7 +29,7 @@ import yaml
 from envs import Budget, Pool, RoutingEnv, build_world, parse_budget_arg
 from envs.worlds import World
 
-STAGES = ("synth", "sft", "eval")  # stages `rlrouter train` can run, in pipeline order
+STAGES = ("synth", "sft", "rl", "eval")  # stages `rlrouter train` can run, in pipeline order
 BASELINES = ("always-small", "always-large", "random", "first-large", "escalate", "oracle")
 
 
@@ -171,6 +171,7 @@ class Recipe:
     synth: SynthSection = field(default_factory=SynthSection)
     router: RouterSection = field(default_factory=RouterSection)
     sft: "SFTSettings" = None
+    rl: "RLSettings" = None
     path: Path | None = None
 
     def synth_budgets(self) -> list[Budget]:
@@ -181,6 +182,9 @@ class Recipe:
 
     def sft_dir(self) -> Path:
         return Path(self.sft.out_dir or f"runs/{self.name}/sft")
+
+    def rl_dir(self) -> Path:
+        return Path(self.rl.out_dir or f"runs/{self.name}/rl")
 
     def budgets(self) -> list[Budget]:
         return parse_budgets(self.eval.budgets, where=f"{self.path or 'recipe'}: eval.budgets")
@@ -234,7 +238,7 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
     where = str(path or "recipe")
     if not isinstance(data, Mapping):
         raise RecipeError(f"{where}: the recipe must be a mapping of sections")
-    known = {"name", "seed", "stages", "world", "pool", "env", "eval", "synth", "router", "sft"}
+    known = {"name", "seed", "stages", "world", "pool", "env", "eval", "synth", "router", "sft", "rl"}
     unknown = set(data) - known
     if unknown:
         raise RecipeError(f"{where}: unknown section(s) {sorted(unknown)}; allowed: {sorted(known)}")
@@ -270,11 +274,13 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
             raise RecipeError(f"{where}: eval.policies: unknown policy {policy!r}; choose from {list(BASELINES)}")
     if not all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in evaluation.random_p):
         raise RecipeError(f"{where}: eval.random_p must be probabilities in [0, 1], got {evaluation.random_p}")
+    from rlrouter.rl.trainer import RLSettings
     from rlrouter.sft.train import SFTSettings
 
     synth = _section(SynthSection, data.get("synth"), f"{where}: synth")
     router = _section(RouterSection, data.get("router"), f"{where}: router")
     sft = _section(SFTSettings, data.get("sft"), f"{where}: sft")
+    rl = _section(RLSettings, data.get("rl"), f"{where}: rl")
     if router.prompt_mode not in ("step", "episode"):
         raise RecipeError(f"{where}: router.prompt_mode must be 'step' or 'episode', got {router.prompt_mode!r}")
     if router.base == "tiny":
@@ -282,8 +288,8 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
             router.tiny_config()
         except ValueError as err:
             raise RecipeError(f"{where}: {err}") from None
-    recipe = Recipe(name, seed, list(stages), world, pool, env, evaluation, synth, router, sft, path)
-    for budget in recipe.budgets() + recipe.synth_budgets():
+    recipe = Recipe(name, seed, list(stages), world, pool, env, evaluation, synth, router, sft, rl, path)
+    for budget in recipe.budgets() + recipe.synth_budgets() + parse_budgets(rl.budgets, where=f"{where}: rl.budgets"):
         try:
             budget.check_tiers(pool)
         except ValueError as err:

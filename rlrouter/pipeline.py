@@ -1,5 +1,5 @@
 """The stages of a recipe, each callable alone (``rlrouter synth|sft|eval``) or in order
-(``rlrouter train``): synth -> sft -> eval."""
+(``rlrouter train``): synth -> sft -> rl -> eval."""
 
 from __future__ import annotations
 
@@ -72,3 +72,48 @@ def run_sft_stage(recipe: Recipe, synth_dir: str | Path | None = None, out_dir: 
     }
     return run_sft(model, tokenizer, dataset, recipe.sft, out_dir, meta, seed=recipe.seed,
                    resume_from=resume_from, progress=progress)
+
+
+def run_rl_stage(recipe: Recipe, init: str | Path | None = None, out_dir: str | Path | None = None,
+                 resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Path:
+    """RL from the SFT checkpoint (or ``rl.init`` / ``init``) -> ``<rl dir>`` checkpoint.
+
+    ``resume`` continues from ``out_dir``'s ``trainer_state/`` (same metrics as an
+    uninterrupted run); ``stop_after`` ends after that many iterations (tests, debugging).
+    """
+    from rlrouter.rl.trainer import RLTrainer, load_boundaries
+    from rlrouter.router.checkpoint import load_checkpoint
+
+    cfg = recipe.rl
+    out_dir = Path(out_dir) if out_dir else recipe.rl_dir()
+    init = Path(init or cfg.init or recipe.sft_dir())
+    start_from = out_dir if resume else init
+    if resume and not (out_dir / "trainer_state" / "state.json").is_file():
+        raise FileNotFoundError(f"cannot resume: {out_dir}/trainer_state/state.json not found")
+    model, tokenizer, ckpt_meta = load_checkpoint(init if (resume and cfg.lora) else start_from, recipe.pool.names)
+    if resume and cfg.lora:  # the checkpoint is merged; training continues on the adapter over the init weights
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(out_dir / "trainer_state" / "adapter"), is_trainable=True)
+    env = recipe.make_env(cfg.split)
+    if cfg.tasks > len(env.task_ids):
+        raise ValueError(f"rl.tasks = {cfg.tasks}, but split {cfg.split!r} has only {len(env.task_ids)} tasks")
+    world = env.world
+    eval_env = recipe.make_env(recipe.eval.split, world=world)
+    boundaries = load_boundaries(recipe.synth_dir() / "boundary.json")
+    prompt_mode = ckpt_meta.get("router", {}).get("prompt_mode", recipe.router.prompt_mode)
+    meta = {key: ckpt_meta[key] for key in ("pool", "budgets", "router", "training") if key in ckpt_meta}
+    meta["training"] = {**meta.get("training", {}), "rl_init": str(init)}
+    engine = None
+    if cfg.engine == "vllm":
+        from rlrouter.rl.rollout import VLLMEngine
+
+        engine = VLLMEngine(str(start_from), tokenizer, recipe.pool.names, recipe.router.max_new_tokens, recipe.seed)
+    trainer = RLTrainer(model, tokenizer, cfg, lambda: recipe.make_env(cfg.split, world=world),
+                        env.task_ids[: cfg.tasks], boundaries, recipe.pool.names, out_dir, meta, seed=recipe.seed,
+                        prompt_mode=prompt_mode, max_new_tokens=recipe.router.max_new_tokens,
+                        eval_make_env=lambda: recipe.make_env(recipe.eval.split, world=world),
+                        eval_task_ids=eval_env.task_ids, engine=engine)
+    if resume:
+        trainer.load_state(out_dir)
+    return trainer.train(progress=progress, stop_after=stop_after)

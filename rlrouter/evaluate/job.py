@@ -53,7 +53,8 @@ def eval_recipe(recipe: Recipe, budgets: list[Budget] | None = None, tasks: int 
             name = "router" if not bias else f"router(bias={bias:g})"
             router = RouterPolicy(model, tokenizer, recipe.pool.names, max_new_tokens=recipe.router.max_new_tokens,
                                   batch_size=recipe.router.batch_size, route_bias=float(bias),
-                                  prompt_mode=ckpt_meta.get("router", {}).get("prompt_mode", "episode"), name=name)
+                                  prompt_mode=ckpt_meta.get("router", {}).get("prompt_mode", "episode"), name=name,
+                                  cost_weight=ckpt_meta.get("router", {}).get("cost_weight"))
             routed += router.evaluate(lambda: recipe.make_env(cfg.split, world=world), task_ids, budgets, seed,
                                       progress=progress)
         for record in routed:

@@ -7,9 +7,9 @@ followed by ``</route>``, and after ``</route>`` only the end-of-turn token. A f
 tier therefore cannot be generated — the budget is respected by the generation itself,
 not by overriding the output afterwards.
 
-Episodes run in lockstep batches (one generate call per step for all live episodes);
-each environment step uses the tolerant parser, and the strict parser's verdict is
-recorded as the well-formedness of the route.
+Episodes run in lockstep batches (one generate call per step for all live episodes, see
+``rlrouter.rl.rollout``); each environment step uses the tolerant parser, and the strict
+parser's verdict is recorded as the well-formedness of the route.
 """
 
 from __future__ import annotations
@@ -18,15 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor
 from tqdm.auto import tqdm
 
 from envs.budget import Budget
-from envs.routing import nearest_allowed
 from rlrouter.evaluate.runner import EpisodeRecord, budget_violated, episode_seed
-from rlrouter.router.prompt import (ROUTE_CLOSE, ROUTE_OPEN, THINK_CLOSE, RouteFormatError, feedback_user_message,
-                                    first_user_message, parse_strict, parse_tolerant, step_user_message,
-                                    system_message)
+from rlrouter.router.prompt import ROUTE_CLOSE, ROUTE_OPEN, THINK_CLOSE, RouteFormatError, parse_strict, parse_tolerant
 
 
 class RouteConstraint(LogitsProcessor):
@@ -62,6 +59,7 @@ class RouteConstraint(LogitsProcessor):
                        if len(seq) > len(suffix) and seq[: len(suffix)] == suffix}) or [self.eos_id]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()  # generate(output_logits=True) keeps the raw tensor: never edit it in place
         for row in range(input_ids.shape[0]):
             generated = input_ids[row, self.prompt_length:].tolist()
             allowed = self.allowed_next(row, generated)
@@ -84,113 +82,69 @@ class Turn:
 
 
 class RouterPolicy:
-    """Greedy (default) or sampled router LLM over RoutingEnv episodes."""
+    """Greedy (default) or sampled router LLM over RoutingEnv episodes.
+
+    Episodes are played by ``rlrouter.rl.rollout.play_episodes`` — the same token-in/token-out
+    code the RL stage trains on — with the transformers engine unless ``engine`` is given.
+    """
 
     name = "router"
 
     def __init__(self, model, tokenizer, pool_names: list[str], max_new_tokens: int = 48, batch_size: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, constrain: bool = True, route_bias: float = 0.0,
-                 prompt_mode: str = "step", name: str = "router"):
-        self.model = model
+                 prompt_mode: str = "step", name: str = "router", cost_weight: float | None = None, engine=None):
+        from rlrouter.rl.rollout import HFEngine
+
+        if prompt_mode not in ("step", "episode"):
+            raise ValueError(f"prompt_mode must be 'step' or 'episode', got {prompt_mode!r}")
+        self.engine = engine or HFEngine(model, tokenizer, pool_names, max_new_tokens, route_bias)
         self.tokenizer = tokenizer
         self.pool_names = list(pool_names)
-        self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.do_sample = do_sample
         self.temperature = temperature
         self.constrain = constrain
-        self.route_bias = route_bias
-        if prompt_mode not in ("step", "episode"):
-            raise ValueError(f"prompt_mode must be 'step' or 'episode', got {prompt_mode!r}")
         self.prompt_mode = prompt_mode
         self.name = name
+        self.cost_weight = cost_weight
 
-    @torch.no_grad()
     def generate_turns(self, conversations: list[list[dict]], masks: list[np.ndarray]) -> list[Turn]:
         """One assistant turn per conversation, routes constrained to each row's mask."""
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-                   for c in conversations]
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        batch = {k: v.to(self.model.device) for k, v in batch.items()}
+        from rlrouter.rl.rollout import _prompt_ids
+
         allowed = [[self.pool_names[i] for i in np.flatnonzero(m)] or self.pool_names[:1] for m in masks]
-        processors = LogitsProcessorList()
-        if self.constrain:
-            processors.append(RouteConstraint(self.tokenizer, allowed, batch["input_ids"].shape[1], self.route_bias))
-        out = self.model.generate(
-            **batch,
-            max_new_tokens=self.max_new_tokens,
-            do_sample=self.do_sample,
-            temperature=self.temperature if self.do_sample else None,
-            top_p=None, top_k=None,
-            logits_processor=processors,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        new = out[:, batch["input_ids"].shape[1]:]
+        generations = self.engine.generate([_prompt_ids(self.tokenizer, c) for c in conversations], allowed,
+                                           sample=self.do_sample, temperature=self.temperature,
+                                           constrain=self.constrain)
         turns = []
-        for row, ids in enumerate(new.tolist()):
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for row, gen in enumerate(generations):
+            text = self.tokenizer.decode(gen.ids, skip_special_tokens=True)
             try:
-                tier = parse_strict(text, self.pool_names).tier
-                well_formed = True
+                turns.append(Turn(text, parse_strict(text, self.pool_names).tier, True))
             except RouteFormatError:
-                tier = parse_tolerant(text, self.pool_names, fallback=allowed[row][0]).tier
-                well_formed = False
-            turns.append(Turn(text, tier, well_formed))
+                turns.append(Turn(text, parse_tolerant(text, self.pool_names, fallback=allowed[row][0]).tier, False))
         return turns
 
     def play(self, env_factory, episodes: list[tuple[str, Budget, int]], progress: bool = True) -> list[EpisodeRecord]:
         """Play ``(task_id, budget, seed)`` episodes in lockstep batches."""
+        from rlrouter.rl.rollout import EpisodeSpec, play_episodes
+
         records = []
         bar = tqdm(total=len(episodes), desc=f"{self.name} episodes", disable=not progress, leave=False)
         for start in range(0, len(episodes), self.batch_size):
-            chunk = episodes[start:start + self.batch_size]
-            envs = [env_factory() for _ in chunk]
-            conversations, infos, turns_ok = [], [], [[] for _ in chunk]
-            for env, (task_id, budget, seed) in zip(envs, chunk):
-                _, info = env.reset(seed=seed, options={"task_id": task_id, "budget": budget})
-                chat = [{"role": "system", "content": system_message(env.pool.describe())}]
-                if self.prompt_mode == "episode":  # step mode rebuilds its one user turn each step
-                    chat.append({"role": "user", "content": first_user_message(env.view())})
-                conversations.append(chat)
-                infos.append(info)
-            live = list(range(len(chunk)))
-            steps = [0] * len(chunk)
-            while live:
-                if self.prompt_mode == "step":  # the state with a bounded history window, one chat per decision
-                    prompts = [[conversations[i][0], {"role": "user", "content": step_user_message(envs[i].view())}]
-                               for i in live]
-                else:
-                    prompts = [conversations[i] for i in live]
-                turns = self.generate_turns(prompts, [infos[i]["action_mask"] for i in live])
-                still = []
-                for i, turn in zip(live, turns):
-                    env = envs[i]
-                    mask = infos[i]["action_mask"]
-                    action = self.pool_names.index(turn.tier)
-                    if mask.any() and not mask[action]:  # only possible with constrain=False
-                        action = nearest_allowed(action, mask)
-                    turns_ok[i].append(turn.well_formed)
-                    _, _, terminated, truncated, infos[i] = env.step(action)
-                    steps[i] += 1
-                    if terminated or truncated:
-                        continue
-                    if self.prompt_mode == "episode":
-                        conversations[i] += [{"role": "assistant", "content": turn.text},
-                                             {"role": "user", "content": feedback_user_message(env.view())}]
-                    still.append(i)
-                live = still
-            for i, (task_id, budget, _) in enumerate(chunk):
-                info = infos[i]
+            specs = [EpisodeSpec(t, b, s, self.cost_weight) for t, b, s in episodes[start:start + self.batch_size]]
+            for rollout in play_episodes(self.engine, env_factory, specs, self.prompt_mode, sample=self.do_sample,
+                                         temperature=self.temperature, constrain=self.constrain):
+                info, spec = rollout.info, rollout.spec
                 calls = dict(info["calls"])
                 records.append(EpisodeRecord(
-                    policy=self.name, budget=budget.label, task_id=task_id, success=bool(info["success"]),
-                    cost_usd=float(info["cost_usd"]), calls=calls, steps=steps[i],
+                    policy=self.name, budget=spec.budget.label, task_id=spec.task_id, success=bool(info["success"]),
+                    cost_usd=float(info["cost_usd"]), calls=calls, steps=len(rollout.turns),
                     budget_exhausted=bool(info["budget_exhausted"]),
-                    violation=budget_violated(budget, float(info["cost_usd"]), calls),
-                    extra={"well_formed": float(np.mean(turns_ok[i])), "turns": len(turns_ok[i])},
+                    violation=budget_violated(spec.budget, float(info["cost_usd"]), calls),
+                    extra={"well_formed": 1.0 - rollout.malformed_fraction, "turns": len(rollout.turns)},
                 ))
-            bar.update(len(chunk))
+            bar.update(len(specs))
         bar.close()
         return records
 

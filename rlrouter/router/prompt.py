@@ -127,8 +127,14 @@ def step_line(view: dict) -> str:
             f"Next: {view['step_text']}")
 
 
-def first_user_message(view: dict) -> str:
-    return f"Task: {view['task']}\nBudget: {budget_text(view)}\n{step_line(view)}"
+def cost_weight_text(cost_weight: float | None) -> str:
+    """The trade-off the router is asked for, when training or serving conditions on it
+    (RL's budget-conditioned episodes): reward = success − weight · normalized cost."""
+    return "" if cost_weight is None else f"Cost weight: {cost_weight:.2f}\n"
+
+
+def first_user_message(view: dict, cost_weight: float | None = None) -> str:
+    return f"Task: {view['task']}\nBudget: {budget_text(view)}\n{cost_weight_text(cost_weight)}{step_line(view)}"
 
 
 def feedback_user_message(view: dict) -> str:
@@ -144,13 +150,14 @@ def feedback_user_message(view: dict) -> str:
 HISTORY_WINDOW = 4  # steps of history in a step prompt
 
 
-def step_user_message(view: dict, window: int = HISTORY_WINDOW) -> str:
+def step_user_message(view: dict, window: int = HISTORY_WINDOW, cost_weight: float | None = None) -> str:
     """The whole state in one user turn, with a bounded window of history: the prompt of
     ``prompt_mode: step`` (one short chat per decision) instead of the growing episode chat."""
     history = view["history"][-window:] if window > 0 else []
     shown = ", ".join(f"{h['tier']} {'ok' if h['event'] == 'ok' else h['event']}" for h in history) or "none"
     return (f"Task: {view['task']}\nBudget: {budget_text(view)}\nSpent ${view['cost_usd']:.4f}. "
-            f"Last {len(history)} of {len(view['history'])} steps: {shown}\n{step_line(view)}")
+            f"Last {len(history)} of {len(view['history'])} steps: {shown}\n{cost_weight_text(cost_weight)}"
+            f"{step_line(view)}")
 
 
 def think_text(view: dict) -> str:

