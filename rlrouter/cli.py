@@ -81,7 +81,7 @@ def _train(args) -> int:
     from rlrouter.pipeline import run_rl_stage, run_sft_stage, run_synth
 
     recipe = load_recipe(args.recipe)
-    checkpoint = None
+    checkpoint, trained = None, {}  # the last checkpoint, and every router to evaluate by name
     for stage in recipe.stages:
         print(f"== stage: {stage}", flush=True)
         if stage == "synth":
@@ -94,16 +94,33 @@ def _train(args) -> int:
         elif stage == "sft":
             if args.resume and (recipe.sft_dir() / "rlrouter.json").is_file() and "rl" in recipe.stages:
                 print(f"resume: keeping {recipe.sft_dir()}", flush=True)
-                checkpoint = recipe.sft_dir()
+                checkpoint = trained["sft"] = recipe.sft_dir()
                 continue
-            checkpoint = run_sft_stage(recipe, progress=not args.quiet)
+            checkpoint = trained["sft"] = run_sft_stage(recipe, progress=not args.quiet)
             print(f"checkpoint: {checkpoint}", flush=True)
         elif stage == "rl":
             resume = args.resume and (recipe.rl_dir() / "trainer_state" / "state.json").is_file()
             checkpoint = run_rl_stage(recipe, init=checkpoint, resume=resume, progress=not args.quiet)
+            trained[recipe.rl.algorithm] = checkpoint
             _print_rl_summary(Path(checkpoint))
         elif stage == "eval":
-            _print_eval(eval_recipe(recipe, checkpoint=checkpoint, progress=not args.quiet))
+            _print_eval(eval_recipe(recipe, checkpoint=trained or None, progress=not args.quiet))
+    return 0
+
+
+def _report(args) -> int:
+    from rlrouter.config import load_recipe
+    from rlrouter.evaluate.ablation import VARIANTS, ablation_table, run_report
+
+    recipe = load_recipe(args.recipe)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    if args.iterations:
+        recipe.rl.iterations = args.iterations
+    result = run_report(recipe, seeds, variants, out_dir=args.out, tasks=args.tasks, progress=not args.quiet)
+    print(ablation_table(result["rows"]))
+    for kind, path in result["paths"].items():
+        print(f"{kind}: {path}")
     return 0
 
 
@@ -198,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep finished stages' outputs and continue RL from its last checkpoint")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("report", help="RL ablation: baselines, SFT and RL variants over seeds (mean ± std)")
+    p.add_argument("recipe")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated RL seeds (default 0,1,2)")
+    p.add_argument("--variants", help="comma-separated: grpo+cost,bopo-no-ref,bopo-no-bonus,bopo,ppo (default all)")
+    p.add_argument("--iterations", type=int, help="RL iterations per run (default: the recipe's rl.iterations)")
+    p.add_argument("--tasks", type=int, help="held-out tasks (default: recipe eval.tasks)")
+    p.add_argument("--out", help="output folder (default runs/<name>/report)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("boundary", help="boundary runs (always-small / always-large) and the task taxonomy")
     p.add_argument("recipe")

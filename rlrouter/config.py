@@ -289,11 +289,13 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
         except ValueError as err:
             raise RecipeError(f"{where}: {err}") from None
     recipe = Recipe(name, seed, list(stages), world, pool, env, evaluation, synth, router, sft, rl, path)
-    for budget in recipe.budgets() + recipe.synth_budgets() + parse_budgets(rl.budgets, where=f"{where}: rl.budgets"):
-        try:
-            budget.check_tiers(pool)
-        except ValueError as err:
-            raise RecipeError(f"{where}: budgets: {err}") from None
+    for field_name, budgets in (("eval.budgets", recipe.budgets()), ("synth.budgets", recipe.synth_budgets()),
+                                ("rl.budgets", parse_budgets(rl.budgets, where=f"{where}: rl.budgets"))):
+        for budget in budgets:
+            try:
+                budget.check_tiers(pool)
+            except ValueError as err:
+                raise RecipeError(f"{where}: {field_name}: {err}") from None
     try:  # build the world once so world errors surface at load time, naming the field
         recipe.build_world()
     except (ValueError, FileNotFoundError) as err:

@@ -19,29 +19,8 @@ from rlrouter.router.policy import RouteConstraint, RouterPolicy
 from rlrouter.router.prompt import first_user_message, parse_strict, system_message
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "name": "tiny-test",
-    "seed": 0,
-    "world": {"kind": "synthetic", "n_train": 40, "n_test": 10, "max_length": 8},
-    "synth": {"tasks": 40, "samples": 2, "n_strata": 2, "boundary_k": 2},
-    "sft": {"epochs": 12, "batch_size": 4, "learning_rate": 5e-3, "logging_steps": 10},
-    "router": {"max_new_tokens": 32, "batch_size": 16},
-    "env": {"cost_lambda": 2.0},
-}
 
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    """A tiny router fine-tuned on 40 short synthesized tasks (one per session, ~1 min)."""
-    from rlrouter.pipeline import run_sft_stage, run_synth
-
-    root = tmp_path_factory.mktemp("router")
-    recipe = recipe_from_dict({**TINY, "synth": {**TINY["synth"], "out_dir": str(root / "synth")},
-                               "sft": {**TINY["sft"], "out_dir": str(root / "sft")}})
-    run_synth(recipe, progress=False)
-    checkpoint = run_sft_stage(recipe, progress=False)
-    return recipe, checkpoint
-
+from conftest import TINY  # noqa: E402  (the `trained` fixture's recipe)
 
 def first_turns(n: int) -> list[list[dict]]:
     """The router's first chat of test tasks 0..n-1 (system + first user turn)."""

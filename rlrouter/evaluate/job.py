@@ -17,10 +17,12 @@ REFERENCE_POLICIES = ("always-small", "always-large")
 
 def eval_recipe(recipe: Recipe, budgets: list[Budget] | None = None, tasks: int | None = None,
                 seed: int | None = None, out_dir: str | Path | None = None, policies: list[str] | None = None,
-                checkpoint: str | Path | None = None, progress: bool = True) -> dict:
-    """Evaluate the recipe's baselines (and a router checkpoint, if given) under budgets.
+                checkpoint: str | Path | dict | None = None, progress: bool = True) -> dict:
+    """Evaluate the recipe's baselines (and router checkpoints, if given) under budgets.
 
-    Returns ``{"rows", "paths", "meta"}``.
+    ``checkpoint`` is one path (its rows are named ``router``) or ``{name: path}`` (e.g.
+    ``{"sft": ..., "bopo": ...}``); each is evaluated at every ``eval.router_bias``
+    (``name(bias=1)``). Returns ``{"rows", "paths", "meta"}``.
     """
     cfg = recipe.eval
     seed = recipe.seed if seed is None else seed
@@ -42,15 +44,17 @@ def eval_recipe(recipe: Recipe, budgets: list[Budget] | None = None, tasks: int 
                   oracle_max_expansions=cfg.oracle_max_expansions)
     policy_objs = make_baselines(names, len(recipe.pool), **kwargs)
     records, timing = evaluate(env, policy_objs, task_ids, budgets, seed=seed, taxonomy=labels, progress=progress)
-    if checkpoint is not None:
+    checkpoints = {} if checkpoint is None else (checkpoint if isinstance(checkpoint, dict)
+                                                 else {"router": checkpoint})
+    for label, path in checkpoints.items():
         from rlrouter.router.checkpoint import load_checkpoint
         from rlrouter.router.policy import RouterPolicy
 
-        model, tokenizer, ckpt_meta = load_checkpoint(checkpoint, recipe.pool.names)
+        model, tokenizer, ckpt_meta = load_checkpoint(path, recipe.pool.names)
         world = env.world
         routed = []
         for bias in cfg.router_bias:
-            name = "router" if not bias else f"router(bias={bias:g})"
+            name = label if not bias else f"{label}(bias={bias:g})"
             router = RouterPolicy(model, tokenizer, recipe.pool.names, max_new_tokens=recipe.router.max_new_tokens,
                                   batch_size=recipe.router.batch_size, route_bias=float(bias),
                                   prompt_mode=ckpt_meta.get("router", {}).get("prompt_mode", "episode"), name=name,
@@ -78,7 +82,7 @@ def eval_recipe(recipe: Recipe, budgets: list[Budget] | None = None, tasks: int 
         "taxonomy_threshold": cfg.taxonomy_threshold,
         "taxonomy_counts": taxonomy_counts(labels),
         "boundary": {t: s.to_dict() for t, s in stats.items()},
-        "checkpoint": str(checkpoint) if checkpoint else None,
+        "checkpoints": {name: str(path) for name, path in checkpoints.items()},
         "seconds": time.perf_counter() - start,
     }
     paths = write_report(Path(out_dir) if out_dir else recipe.out_dir(), rows, [r.to_dict() for r in records], meta)

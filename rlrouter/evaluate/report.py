@@ -71,7 +71,8 @@ def frontier_plot(rows: list[dict], path: Path, title: str) -> None:
         for r in group:
             if r["policy"].startswith("random"):
                 continue
-            marker = "*" if r["policy"] == "oracle" else ("D" if r["policy"].startswith("router") else "o")
+            baseline = r["policy"].split("(")[0] in ("always-small", "always-large", "first-large", "escalate")
+            marker = "*" if r["policy"] == "oracle" else ("o" if baseline else "D")  # D: a trained router
             ax.plot(r["mean_cost_usd"], r["success"], marker, markersize=12 if marker == "*" else 8, label=r["policy"])
         ax.set_title(f"budget: {budget}")
         ax.set_xlabel("mean cost per task (USD)")

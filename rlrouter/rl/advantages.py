@@ -9,6 +9,14 @@ rollouts, rewards and the clipped loss are shared.
   rewards pooled with R_S and R_L: A_i = (R_i − b) / (σ + ε). A group that collapsed to cheap
   failure on a task where always-large succeeds keeps a negative advantage, where GRPO's
   would be zero.
+- Prefix-tree credit (``rl.credit: tree``, for GRPO and BoPO): the G rollouts of a group
+  share the episode seed, and worlds draw their randomness from (seed, position,
+  attempt), so rollouts with the same route prefix are in the same state. At turn t of
+  rollout i, the node is every rollout with i's first t routes, the child those that also
+  chose i's route at t: A_{i,t} = (mean R(child) − b(node)) / (σ + ε), with b the group's
+  (BoPO: reference-mixed) baseline at the root and the node's mean reward below it. A
+  turn where the whole node chose alike gets 0: the episode's reward is credited only to
+  the decisions that made a difference (a Monte Carlo Q − V without extra rollouts).
 - PPO (Schulman et al. 2017): a value per router turn, the episode reward at the last turn,
   GAE over turns (Schulman et al. 2016, eq. 16): δ_t = r_t + γ·V_{t+1} − V_t,
   A_t = Σ_k (γλ)^k δ_{t+k}; returns A_t + V_t train the value head.
@@ -37,6 +45,25 @@ def bopo_advantages(rewards: np.ndarray, ref_small: float, ref_large: float, w_s
     baseline = (1 - w_small - w_large) * rewards.mean() + w_small * ref_small + w_large * ref_large
     scale = np.concatenate([rewards, [ref_small, ref_large]]).std()
     return (rewards - baseline) / (scale + eps)
+
+
+def tree_advantages(routes: list[list[int]], rewards: np.ndarray, root_baseline: float, scale: float,
+                    eps: float = EPS) -> list[np.ndarray]:
+    """Per-turn advantages of one group from its prefix tree (see the module docstring).
+
+    ``routes[i]`` are rollout i's tiers, turn by turn; ``rewards[i]`` its episode reward.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    out = []
+    for i, mine in enumerate(routes):
+        adv = np.zeros(len(mine))
+        for t in range(len(mine)):
+            node = [j for j, other in enumerate(routes) if len(other) > t and other[:t] == mine[:t]]
+            child = [j for j in node if routes[j][t] == mine[t]]
+            baseline = root_baseline if t == 0 else rewards[node].mean()
+            adv[t] = (rewards[child].mean() - baseline) / (scale + eps)
+        out.append(adv)
+    return out
 
 
 def gae(rewards: np.ndarray, values: np.ndarray, gamma: float = 1.0, lam: float = 0.95) -> tuple[np.ndarray, np.ndarray]:

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from envs.budget import Budget
-from rlrouter.rl.advantages import bopo_advantages, explained_variance, gae, grpo_advantages
+from rlrouter.rl.advantages import bopo_advantages, explained_variance, gae, grpo_advantages, tree_advantages
 from rlrouter.rl.loss import clipped_policy_loss, token_logprobs
 from rlrouter.rl.rewards import REWARD_KINDS, RewardSpec, TaskBoundary, episode_reward, reference_rewards
 from rlrouter.rl.rollout import EpisodeSpec, HFEngine, Rollout, play_episodes, training_sequences
@@ -48,6 +48,9 @@ class RLSettings:
     Attributes:
         algorithm: ``bopo`` (reference-guided advantage), ``grpo`` (group-normalized) or
             ``ppo`` (value head, GAE over router turns).
+        credit: ``episode`` (every turn gets the episode's advantage) or ``tree`` (GRPO/BoPO:
+            only the turns where a group's rollouts chose differently get credit, from the
+            prefix tree of the group; see ``advantages.tree_advantages``).
         reward: ``bopo`` (boundary-relative, difficulty bonus) or ``cost`` (1[success] − λ·$).
         init: checkpoint to start from (default: the recipe's SFT checkpoint).
         engine: rollout engine, ``hf`` (transformers generate) or ``vllm`` (in-process engine).
@@ -83,6 +86,7 @@ class RLSettings:
     """
 
     algorithm: str = "bopo"
+    credit: str = "episode"
     reward: str = "bopo"
     init: str | None = None
     engine: str = "hf"
@@ -126,6 +130,8 @@ class RLSettings:
             raise ValueError(f"rl.algorithm must be one of {list(ALGORITHMS)}, got {self.algorithm!r}")
         if self.reward not in REWARD_KINDS:
             raise ValueError(f"rl.reward must be one of {list(REWARD_KINDS)}, got {self.reward!r}")
+        if self.credit not in ("episode", "tree"):
+            raise ValueError(f"rl.credit must be 'episode' or 'tree', got {self.credit!r}")
         if self.engine not in ("hf", "vllm"):
             raise ValueError(f"rl.engine must be 'hf' or 'vllm', got {self.engine!r}")
         low, high = self.lambda_range()
@@ -231,6 +237,7 @@ class RLTrainer:
         self.engine = engine or HFEngine(self.model, tokenizer, self.tiers, max_new_tokens)
         self.iteration = 0
         self.history: list[dict] = []
+        self.min_shared_prefix = 16  # shorter shared prefixes are not worth a separate forward
 
     # -- 1. tasks, budgets and λ of an iteration -----------------------------------------
     def sample_groups(self, rng: np.random.Generator) -> list[list[EpisodeSpec]]:
@@ -258,14 +265,23 @@ class RLTrainer:
             r = np.array([episode_reward(self.reward_spec, ro.success, ro.cost_usd, ro.malformed_fraction,
                                          cost_lambda, boundary) for ro in played])
             rewards.append(r.tolist())
+            if s.algorithm == "ppo":
+                advantages.append([None] * len(played))  # PPO: GAE after the value pass
+                continue
             if s.algorithm == "grpo":
                 a = grpo_advantages(r)
-            elif s.algorithm == "bopo":
+                baseline, scale = r.mean(), r.std()
+            else:
                 ref_small, ref_large = reference_rewards(self.reward_spec, boundary, cost_lambda)
                 a = bopo_advantages(r, ref_small, ref_large, s.ref_weight_small, s.ref_weight_large)
+                w = 1 - s.ref_weight_small - s.ref_weight_large
+                baseline = w * r.mean() + s.ref_weight_small * ref_small + s.ref_weight_large * ref_large
+                scale = np.concatenate([r, [ref_small, ref_large]]).std()
+            if s.credit == "tree":
+                routes = [[self.tiers.index(t.tier) for t in ro.turns] for ro in played]
+                advantages.append(tree_advantages(routes, r, baseline, scale))
             else:
-                a = None  # PPO: GAE after the value pass
-            advantages.append([np.full(len(ro.turns), a[i]) if a is not None else None for i, ro in enumerate(played)])
+                advantages.append([np.full(len(ro.turns), a[i]) for i, ro in enumerate(played)])
         return rewards, advantages
 
     def build_batch(self, flat: list[Rollout], flat_adv: list[np.ndarray | None]) -> Batch:
@@ -291,25 +307,43 @@ class RLTrainer:
 
     # -- forward pass over a micro-batch ----------------------------------------------
     def _forward(self, model, ids_list: list[list[int]], keep: int, want_hidden: bool = False):
-        """Log-probs and entropies of the last ``keep`` − 1 tokens of each left-padded row.
+        """Log-probs and entropies of the last ``keep`` − 1 tokens of each row.
 
-        Rows are left-padded so every sequence ends in the last column; the router's tokens
-        sit at the end of a sequence, so only the last ``keep`` positions need the LM head
-        (``logits_to_keep``) — the vocabulary-wide softmax over long prompts is skipped.
-        Returns (logp, entropy, hidden, offsets): ``hidden`` is the full last hidden state
-        (PPO reads values from it) and ``offsets[row]`` is the row's left padding.
+        Two savings, both exact: (1) the prefix every row shares (the system prompt: most of a
+        step-mode prompt) is run once and its key/value cache repeated over the batch — the
+        gradient still flows through it; (2) rows are left-padded after that prefix so every
+        sequence ends in the last column, and only the last ``keep`` positions go through
+        the LM head (``logits_to_keep``), since the router's tokens sit at the end.
+        Returns (logp, entropy, hidden, offsets): ``hidden`` is the last hidden state of the
+        non-shared part (PPO reads values from it) and row position p is at column
+        p + ``offsets[row]``.
         """
-        width = max(len(ids) for ids in ids_list)
+        shortest = min(len(ids) for ids in ids_list)
+        shared = 0
+        limit = shortest - keep  # the scored positions must stay outside the shared prefix
+        first = ids_list[0]
+        while shared < limit and all(ids[shared] == first[shared] for ids in ids_list):
+            shared += 1
+        if shared < self.min_shared_prefix or len(ids_list) == 1:
+            shared = 0
+        cache = None
+        if shared:
+            cache = model(input_ids=torch.tensor([first[:shared]]), use_cache=True).past_key_values
+            cache.batch_repeat_interleave(len(ids_list))
+        width = max(len(ids) for ids in ids_list) - shared
         input_ids = torch.full((len(ids_list), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(ids_list), width), dtype=torch.long)
+        attention = torch.zeros((len(ids_list), shared + width), dtype=torch.long)
+        attention[:, :shared] = 1
         offsets = []
         for row, ids in enumerate(ids_list):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention[row, width - len(ids):] = 1
+            n = len(ids) - shared
+            input_ids[row, width - n:] = torch.tensor(ids[shared:])
+            attention[row, shared + width - n:] = 1
             offsets.append(width - len(ids))
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # positions count from each row's first real token
-        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep,
-                    output_hidden_states=want_hidden)
+        # positions count real tokens only (pads between the prefix and the row do not advance them)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                    logits_to_keep=keep, output_hidden_states=want_hidden, use_cache=False)
         logp, entropy = token_logprobs(out.logits / self.settings.temperature, input_ids[:, width - keep:])
         return logp, entropy, (out.hidden_states[-1] if want_hidden else None), offsets
 

@@ -1,0 +1,127 @@
+"""Rollout overhead: multi-turn episodes vs pure generation of the same tokens.
+
+Plays N routing episodes with an engine (sampling, log-probs, constrained routes, in
+lockstep), recording every ``generate`` call. Then replays exactly those calls — same
+prompts, same allowed tiers, same seeds — back to back, with no environment, prompt
+building or parsing in between. The ratio rollout time / generation time is what the
+episode machinery costs on top of the engine (goal ≤ 1.15×).
+
+usage: python benchmarks/rollout.py [--engine hf|vllm|both] [--episodes 64] [--checkpoint DIR]
+With no checkpoint, a tiny router is built and saved to a temp dir (untrained: it writes
+long turns, which makes the overhead ratio a conservative, generation-light estimate only
+if the router is trained; pass a trained checkpoint for the realistic number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+
+class RecordingEngine:
+    """Wraps an engine and records each generate call's arguments and torch seed."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.tiers = engine.tiers
+        self.calls = []
+        self.seconds = 0.0
+
+    def generate(self, prompts, allowed, **kwargs):
+        import torch
+
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        torch.manual_seed(seed)
+        self.calls.append((prompts, allowed, kwargs, seed))
+        start = time.perf_counter()
+        out = self.engine.generate(prompts, allowed, **kwargs)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def measure(engine, recipe, episodes: int) -> dict:
+    import torch
+
+    from envs import Budget
+    from rlrouter.rl.rollout import EpisodeSpec, play_episodes
+
+    env = recipe.make_env("train")
+    world = env.world
+    specs = [EpisodeSpec(t, Budget(), seed=i) for i, t in enumerate(env.task_ids[:episodes])]
+    recorder = RecordingEngine(engine)
+    torch.manual_seed(0)
+    play_episodes(recorder, lambda: recipe.make_env("train", world=world), specs, "step", sample=True,
+                  logprobs=True)  # warm-up (first-call compilation, caches)
+    recorder.calls.clear()
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    played = play_episodes(recorder, lambda: recipe.make_env("train", world=world), specs, "step", sample=True,
+                           logprobs=True)
+    rollout_s = time.perf_counter() - start
+    start = time.perf_counter()
+    tokens = 0
+    for prompts, allowed, kwargs, seed in recorder.calls:
+        torch.manual_seed(seed)
+        tokens += sum(len(g.ids) for g in engine.generate(prompts, allowed, **kwargs))
+    generation_s = time.perf_counter() - start
+    generated = sum(len(t.completion_ids) for r in played for t in r.turns)
+    return {"engine": engine.name, "episodes": episodes, "turns": sum(len(r.turns) for r in played),
+            "generate_calls": len(recorder.calls), "generated_tokens": generated, "replayed_tokens": tokens,
+            "rollout_s": round(rollout_s, 3), "pure_generation_s": round(generation_s, 3),
+            "ratio": round(rollout_s / generation_s, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=["hf", "vllm", "both"], default="both")
+    parser.add_argument("--episodes", type=int, default=64)
+    parser.add_argument("--recipe", default="recipes/quickstart.yaml")
+    parser.add_argument("--checkpoint", help="router checkpoint (default: runs/<recipe>/sft if present, else a "
+                                             "freshly built tiny router)")
+    args = parser.parse_args()
+
+    from rlrouter.config import load_recipe
+    from rlrouter.rl.rollout import HFEngine, VLLMEngine
+    from rlrouter.router.checkpoint import load_checkpoint, save_checkpoint
+
+    recipe = load_recipe(args.recipe)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else recipe.sft_dir()
+    tmp = None
+    if not (checkpoint / "rlrouter.json").is_file():
+        from rlrouter.router.model import build_tiny_router, train_tokenizer
+        from rlrouter.router.prompt import step_user_message, system_message
+
+        env = recipe.make_env("train")
+        texts = []
+        for task in env.task_ids[:200]:
+            env.reset(seed=0, options={"task_id": task})
+            texts.append(system_message(env.pool.describe()) + "\n" + step_user_message(env.view()))
+        tok = train_tokenizer(texts, 1024)
+        tmp = tempfile.TemporaryDirectory()
+        checkpoint = save_checkpoint(build_tiny_router(tok), tok, Path(tmp.name) / "router",
+                                     {"pool": recipe.pool.describe(), "router": {"prompt_mode": "step"}})
+        print(f"no trained checkpoint found: using an untrained tiny router ({checkpoint})")
+    model, tok, _ = load_checkpoint(checkpoint, recipe.pool.names)
+    rows = []
+    if args.engine in ("hf", "both"):
+        rows.append(measure(HFEngine(model, tok, recipe.pool.names, recipe.router.max_new_tokens), recipe,
+                            args.episodes))
+    if args.engine in ("vllm", "both"):
+        engine = VLLMEngine(str(checkpoint), tok, recipe.pool.names, recipe.router.max_new_tokens)
+        rows.append(measure(engine, recipe, args.episodes))
+    print("| engine | episodes | turns | generate calls | tokens | rollout (s) | pure generation (s) | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['episodes']} | {r['turns']} | {r['generate_calls']} | {r['generated_tokens']} | "
+              f"{r['rollout_s']} | {r['pure_generation_s']} | {r['ratio']} |")
+    print(json.dumps(rows))
+    if tmp:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""One RL iteration with rollouts on the in-process vLLM engine, then greedy routes from
+vLLM (with the updated weights pushed into it) and from transformers, for tests/test_rl.py.
+
+usage: python tests/vllm_rl.py SYNTH_DIR CHECKPOINT OUT_DIR OUT.json
+Runs as a script: vLLM's engine needs a ``__main__`` guard.
+"""
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import torch
+
+    from conftest import TINY
+    from envs import Budget
+    from rlrouter.config import recipe_from_dict
+    from rlrouter.rl.rollout import EpisodeSpec, HFEngine, VLLMEngine, play_episodes
+    from rlrouter.rl.trainer import RLSettings, RLTrainer, load_boundaries
+    from rlrouter.router.checkpoint import load_checkpoint
+
+    synth_dir, checkpoint, out_dir, out_path = sys.argv[1:5]
+    recipe = recipe_from_dict({**TINY, "synth": {**TINY["synth"], "out_dir": synth_dir}})
+    model, tok, meta = load_checkpoint(checkpoint, recipe.pool.names)
+    settings = RLSettings(engine="vllm", iterations=1, tasks_per_iteration=8, group_size=4, tasks=40,
+                          learning_rate=3e-2, budgets=["none", "large_calls=2"])
+    make_env = lambda: recipe.make_env("train")  # noqa: E731
+    specs = [EpisodeSpec(f"train-{i}", Budget(), seed=500 + i) for i in range(12)]
+
+    def routes(engine):
+        return [[t.tier for t in r.turns] for r in play_episodes(engine, make_env, specs)]
+
+    stale = routes(HFEngine(copy.deepcopy(model), tok, recipe.pool.names, 32))
+    engine = VLLMEngine(checkpoint, tok, recipe.pool.names, max_new_tokens=32, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = RLTrainer(model, tok, settings, make_env, [f"train-{i}" for i in range(40)],
+                        load_boundaries(Path(synth_dir) / "boundary.json"), recipe.pool.names, out_dir,
+                        {"pool": recipe.pool.describe()}, seed=0, engine=engine)
+    metrics = trainer.iterate()  # rollouts on vLLM, update, weights pushed into vLLM
+    changed = any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    hf = routes(HFEngine(model, tok, recipe.pool.names, 32))
+    vllm = routes(engine)
+    Path(out_path).write_text(json.dumps({
+        "iteration": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        "weights_changed": changed, "hf_routes": hf, "vllm_routes": vllm, "stale_routes": stale,
+        "routes_changed": stale != hf,
+    }))
