@@ -120,28 +120,38 @@ def test_step_examples_make_one_chat_per_decision():
         assert example["messages"][2] == routes[k]
 
 
-def test_route_constraint_allows_only_unmasked_tiers():
+def test_route_constraint_keeps_the_turn_in_the_strict_format_with_allowed_tiers():
+    vocab = ["<|im_end|>", "<think>", "a", "</think>", "b", "<route>", "</route>", "small", "la", "rge", "x<y"]
+
     class Tok:
         eos_token_id = 0
 
+        def __len__(self):
+            return len(vocab)
+
         def convert_tokens_to_ids(self, t):
-            return {"<route>": 5, "</route>": 6, "</think>": 3}[t]
+            return vocab.index(t)
+
+        def decode(self, ids):
+            return "".join(vocab[i] for i in ids)
 
         def encode(self, text, add_special_tokens=False):
             return {"small": [7], "large": [8, 9]}[text]
 
     proc = RouteConstraint(Tok(), [["small"], ["small", "large"]], prompt_length=1, route_bias=3.0)
     ids = torch.tensor([[1, 4, 5], [1, 4, 5]])
-    scores = proc(ids, torch.zeros(2, 10))
+    scores = proc(ids, torch.zeros(2, len(vocab)))
     assert torch.isfinite(scores[0]).nonzero().flatten().tolist() == [7]
     assert torch.isfinite(scores[1]).nonzero().flatten().tolist() == [7, 8]
     assert scores[1, 8] == 3.0 and scores[1, 7] == 0.0  # the bias goes to the priciest tier
-    assert proc.allowed_next(1, [4, 5, 8]) == [9]
-    assert proc.allowed_next(1, [4, 5, 8, 9, 6]) == [0]  # after </route>: end the turn
-    assert proc.allowed_next(0, [4, 2]) is None  # no <route> yet: free, except ending the turn
-    assert proc.allowed_next(0, [4, 3]) == [5]  # </think> is followed by <route>
-    free = proc(torch.tensor([[1, 4, 2]]), torch.zeros(1, 10))
-    assert free[0, 0] == -float("inf") and torch.isfinite(free[0, 1:]).all()
+    assert proc.allowed_next(1, [1, 5, 8]) == [9]
+    assert proc.allowed_next(1, [1, 5, 8, 9, 6]) == [0]  # after </route>: end the turn
+    assert proc.allowed_next(0, []) == [1]  # a turn opens with <think>
+    assert proc.allowed_next(0, [1, 2]) is None  # think text: free, within limits
+    assert proc.allowed_next(0, [1, 2, 3]) == [5]  # </think> is followed by <route>
+    free = proc(torch.tensor([[1, 1, 2]]), torch.zeros(1, len(vocab)))
+    # think text may not end the turn, nor contain '<' (other than </think>)
+    assert torch.isinf(free[0]).nonzero().flatten().tolist() == [0, 1, 5, 6, 10]
 
 
 @pytest.mark.slow

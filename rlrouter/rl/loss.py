@@ -15,12 +15,13 @@ import torch.nn.functional as F
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(log π(x_t | x_<t), entropy_t) for t = 1..L−1, from logits of shape (B, L, V).
 
-    Position t of the outputs scores token ``input_ids[:, t + 1]``.
+    Position t of the outputs scores token ``input_ids[:, t + 1]``. Logits set to −inf (a
+    constraint mask) take no probability mass.
     """
     logits = logits[:, :-1].float()
     logp_all = F.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    entropy = -(logp_all.exp() * logp_all).nan_to_num(0.0).sum(-1)  # masked-out tokens: 0·(−inf) -> 0
     return logp, entropy
 
 

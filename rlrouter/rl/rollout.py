@@ -21,9 +21,14 @@ Engines share one interface, ``generate(prompts, allowed, sample, temperature)``
   outputs (a regex over the allowed tiers); ``load_weights(model)`` pushes the policy's new
   weights after each update (vLLM's in-place ``reload_weights``).
 
-Both return log-probs of the sampled tokens under the unconstrained policy at the sampling
-temperature (vLLM's default ``raw_logprobs`` at temperature 1); the loss recomputes the same
-quantity, so importance ratios compare like with like.
+The policy being trained is the one sampled from: the *constrained* distribution (the
+model's softmax renormalized over the tokens the route constraint allows at that point,
+at the sampling temperature). Engines return those log-probs, and the learner recomputes
+them with the same masks (``constraint_masks``). Training the unconstrained log-probs
+instead lets a forbidden token (the end of turn before a route) soak up the probability
+that negative advantages push off the sampled tokens, until constrained sampling draws
+from the near-empty rest of the vocabulary (seen: well-formed turns 99% → 0% in four
+updates at lr 2e-3).
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class RouterTurn:
     tier: str
     well_formed: bool
     allowed: list[str]
+    constrained: bool = True
 
 
 @dataclass(frozen=True)
@@ -131,12 +137,12 @@ class HFEngine:
             input_ids=input_ids.to(self.model.device), attention_mask=attention.to(self.model.device),
             max_new_tokens=self.max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
             top_p=None, top_k=None, logits_processor=processors, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_logits=logprobs,
+            pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_scores=logprobs,
         )
         self.model.train(was_training)
         new = out.sequences[:, width:].tolist()
-        if logprobs:  # raw logits -> log-softmax at the sampling temperature
-            steps = torch.stack(out.logits, dim=1).float() / (temperature if sample else 1.0)
+        if logprobs:  # processed scores (constrained, temperature-scaled) -> the sampling distribution
+            steps = torch.stack(out.scores, dim=1).float()
             chosen = torch.log_softmax(steps, dim=-1).gather(-1, out.sequences[:, width:].unsqueeze(-1)).squeeze(-1)
         result = []
         for row, ids in enumerate(new):
@@ -170,6 +176,7 @@ class VLLMEngine:
 
         threads = torch.get_num_threads()
         self.llm = LLM(model=str(model_dir), dtype="float32", seed=seed, enforce_eager=True,
+                       logprobs_mode="processed_logprobs",  # after temperature and the route constraint
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                        distributed_executor_backend="external_launcher")
         torch.set_num_threads(threads)
@@ -267,7 +274,8 @@ def play_episodes(engine, make_env: Callable[[], RoutingEnv], specs: list[Episod
                 tier, well_formed = parse_strict(text, tiers).tier, True
             except RouteFormatError:
                 tier, well_formed = parse_tolerant(text, tiers, fallback=row_allowed[0]).tier, False
-            rollouts[i].turns.append(RouterTurn(prompt, gen.ids, gen.logprobs, tier, well_formed, row_allowed))
+            rollouts[i].turns.append(RouterTurn(prompt, gen.ids, gen.logprobs, tier, well_formed, row_allowed,
+                                                constrain))
             mask = infos[i]["action_mask"]
             action = tiers.index(tier)
             if mask.any() and not mask[action]:  # only possible with constrain=False
@@ -284,6 +292,19 @@ def play_episodes(engine, make_env: Callable[[], RoutingEnv], specs: list[Episod
         live = still
     bar.close()
     return rollouts
+
+
+def constraint_masks(tokenizer, turn: RouterTurn) -> list[list[int] | None]:
+    """For each generated token of ``turn``, the token ids the route constraint allowed at
+    that point (``None``: think text, anything but ``RouteConstraint.think_banned``; ``[]``
+    for an unconstrained turn means no mask). Recomputed from the ids, so it needs nothing from the engine."""
+    from rlrouter.router.policy import RouteConstraint
+
+    if not turn.constrained:
+        return [[] for _ in turn.completion_ids]
+    rule = RouteConstraint(tokenizer, [turn.allowed], prompt_length=0)
+    ids = turn.completion_ids
+    return [rule.allowed_next(0, ids[:t]) for t in range(len(ids))]
 
 
 def training_sequences(rollout: Rollout, prompt_mode: str) -> list[tuple[list[int], list[int], list[int]]]:

@@ -36,7 +36,8 @@ from envs.budget import Budget
 from rlrouter.rl.advantages import bopo_advantages, explained_variance, gae, grpo_advantages, tree_advantages
 from rlrouter.rl.loss import clipped_policy_loss, token_logprobs
 from rlrouter.rl.rewards import REWARD_KINDS, RewardSpec, TaskBoundary, episode_reward, reference_rewards
-from rlrouter.rl.rollout import EpisodeSpec, HFEngine, Rollout, play_episodes, training_sequences
+from rlrouter.rl.rollout import (EpisodeSpec, HFEngine, Rollout, constraint_masks, play_episodes,
+                                 training_sequences)
 
 ALGORITHMS = ("grpo", "bopo", "ppo")
 
@@ -168,6 +169,7 @@ class Batch:
     loss_mask: list[np.ndarray]  # 1 on router tokens
     old_logprobs: list[np.ndarray]
     advantages: list[np.ndarray]
+    constraints: list[list[tuple[int, list[int] | None]]] = field(default_factory=list)  # (position, allowed ids)
     value_positions: list[list[int]] = field(default_factory=list)  # PPO: where each turn's value is read
     returns: list[list[float]] = field(default_factory=list)  # PPO, one per value position
     old_values: list[list[float]] = field(default_factory=list)
@@ -291,22 +293,26 @@ class RLTrainer:
                 mask = np.asarray(mask[1:], dtype=np.float32)
                 turn_index = np.asarray(turn_index[1:])
                 old = np.zeros(len(ids) - 1, dtype=np.float32)
-                positions = []
+                positions, constraints = [], []
                 for k, turn in enumerate(rollout.turns):
                     where = np.flatnonzero(turn_index == k)
                     if len(where):
                         old[where] = turn.logprobs
                         positions.append((k, int(where[0])))  # logits position before the turn's first token
+                        constraints += [(int(pos), allowed) for pos, allowed
+                                        in zip(where, constraint_masks(self.tokenizer, turn)) if allowed != []]
                 batch.input_ids.append(ids)
                 batch.loss_mask.append(mask)
                 batch.old_logprobs.append(old)
                 batch.advantages.append(np.where(turn_index >= 0, adv[np.maximum(turn_index, 0)], 0.0)
                                         if adv is not None else np.zeros(len(ids) - 1))
                 batch.value_positions.append(positions)
+                batch.constraints.append(constraints)
         return batch
 
     # -- forward pass over a micro-batch ----------------------------------------------
-    def _forward(self, model, ids_list: list[list[int]], keep: int, want_hidden: bool = False):
+    def _forward(self, model, ids_list: list[list[int]], keep: int, want_hidden: bool = False,
+                 constraints: list[list[tuple[int, list[int] | None]]] | None = None):
         """Log-probs and entropies of the last ``keep`` − 1 tokens of each row.
 
         Two savings, both exact: (1) the prefix every row shares (the system prompt: most of a
@@ -314,6 +320,9 @@ class RLTrainer:
         gradient still flows through it; (2) rows are left-padded after that prefix so every
         sequence ends in the last column, and only the last ``keep`` positions go through
         the LM head (``logits_to_keep``), since the router's tokens sit at the end.
+        ``constraints[row]`` lists (logits position, allowed token ids or None = think text,
+        see ``RouteConstraint``): the route constraint the token was sampled under, applied again here so
+        the log-probs are those of the distribution that was sampled.
         Returns (logp, entropy, hidden, offsets): ``hidden`` is the last hidden state of the
         non-shared part (PPO reads values from it) and row position p is at column
         p + ``offsets[row]``.
@@ -344,7 +353,22 @@ class RLTrainer:
         positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
                     logits_to_keep=keep, output_hidden_states=want_hidden, use_cache=False)
-        logp, entropy = token_logprobs(out.logits / self.settings.temperature, input_ids[:, width - keep:])
+        logits = out.logits / self.settings.temperature
+        if constraints:
+            from rlrouter.router.policy import think_banned_ids
+
+            banned = torch.zeros(logits.shape, dtype=torch.bool)
+            think_banned = think_banned_ids(self.tokenizer)
+            for row, row_constraints in enumerate(constraints):
+                for pos, allowed in row_constraints:
+                    col = pos + offsets[row] - (width - keep)
+                    if allowed is None:
+                        banned[row, col, think_banned] = True
+                    else:
+                        banned[row, col, :] = True
+                        banned[row, col, allowed] = False
+            logits = logits.masked_fill(banned, float("-inf"))
+        logp, entropy = token_logprobs(logits, input_ids[:, width - keep:])
         return logp, entropy, (out.hidden_states[-1] if want_hidden else None), offsets
 
     @staticmethod
@@ -393,15 +417,17 @@ class RLTrainer:
                     micro = minibatch[start:start + s.micro_batch_size]
                     ids = [batch.input_ids[j] for j in micro]
                     keep = self._keep([batch.loss_mask[j] for j in micro])
+                    constraints = [batch.constraints[j] for j in micro]
                     logp, entropy, hidden, offsets = self._forward(self.model, ids, keep,
-                                                                   want_hidden=self.value_head is not None)
+                                                                   want_hidden=self.value_head is not None,
+                                                                   constraints=constraints)
                     mask = self._tail([batch.loss_mask[j] for j in micro], keep)
                     old = self._tail([batch.old_logprobs[j] for j in micro], keep)
                     adv = self._tail([batch.advantages[j] for j in micro], keep)
                     ref = None
                     if self.ref_model is not None:
                         with torch.no_grad():
-                            ref = self._forward(self.ref_model, ids, keep)[0]
+                            ref = self._forward(self.ref_model, ids, keep, constraints=constraints)[0]
                     loss, stats = clipped_policy_loss(logp, old, adv, mask, s.clip_eps, n_tokens, ref, s.kl_coef,
                                                       entropy, s.entropy_coef)
                     if epoch == 0 and start == 0:
@@ -415,7 +441,7 @@ class RLTrainer:
                         v_clip = v_old + (v - v_old).clamp(-s.clip_eps, s.clip_eps)
                         v_loss = 0.5 * torch.max((v - ret) ** 2, (v_clip - ret) ** 2).sum() / n_values
                         loss = loss + s.value_coef * v_loss
-                        stats["value_loss"] = float(v_loss) * n_values
+                        stats["value_loss"] = float(v_loss.detach()) * n_values
                     loss.backward()
                     for key, value in stats.items():
                         sums[key] += value

@@ -23,13 +23,22 @@ from tqdm.auto import tqdm
 
 from envs.budget import Budget
 from rlrouter.evaluate.runner import EpisodeRecord, budget_violated, episode_seed
-from rlrouter.router.prompt import ROUTE_CLOSE, ROUTE_OPEN, THINK_CLOSE, RouteFormatError, parse_strict, parse_tolerant
+from rlrouter.router.prompt import (ROUTE_CLOSE, ROUTE_OPEN, THINK_CLOSE, THINK_OPEN, RouteFormatError, parse_strict,
+                                    parse_tolerant)
 
 
 class RouteConstraint(LogitsProcessor):
-    """Restricts what follows ``<route>`` to the allowed tiers of each batch row, and keeps
-    the turn in format: it cannot end before a route is written, and ``</think>`` is
-    followed by ``<route>``.
+    """Keeps every router turn in the strict format ``<think>TEXT</think><route>TIER</route>``
+    with TIER one of the row's allowed tiers (the tiers its budget can still pay for):
+
+    - the turn opens with ``<think>``; the think text may not contain ``<`` (as the strict
+      parser requires) and the turn cannot end inside it;
+    - ``</think>`` is followed by ``<route>``, then the tokens of an allowed tier, then
+      ``</route>``, then the end-of-turn token.
+
+    A forbidden tier therefore cannot be generated, and only running out of
+    ``max_new_tokens`` inside the think text can leave a turn malformed. vLLM applies the
+    same rule as a structured-output regex (``rlrouter.rl.rollout``).
 
     ``route_bias`` (log-odds) is added to the first token of the priciest allowed tier right
     after ``<route>``: with two single-token tiers, greedy decoding then routes large iff
@@ -40,17 +49,22 @@ class RouteConstraint(LogitsProcessor):
     def __init__(self, tokenizer, allowed: list[list[str]], prompt_length: int, route_bias: float = 0.0):
         self.open_id = tokenizer.convert_tokens_to_ids(ROUTE_OPEN)
         self.close_id = tokenizer.convert_tokens_to_ids(ROUTE_CLOSE)
+        self.think_open_id = tokenizer.convert_tokens_to_ids(THINK_OPEN)
         self.think_close_id = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
         self.eos_id = tokenizer.eos_token_id
         self.prompt_length = prompt_length
         self.sequences = [[tokenizer.encode(t, add_special_tokens=False) + [self.close_id] for t in row]
                           for row in allowed]
         self.route_bias = float(route_bias)
+        self.think_banned = think_banned_ids(tokenizer)
 
     def allowed_next(self, row: int, generated: list[int]) -> list[int] | None:
-        """Token ids allowed next for ``row`` (None = anything but ending the turn)."""
+        """Token ids allowed next for ``row``; None = think text (anything but
+        ``think_banned``: the end of turn and tokens containing ``<`` other than ``</think>``)."""
+        if not generated:
+            return [self.think_open_id]
         if self.open_id not in generated:
-            return [self.open_id] if generated and generated[-1] == self.think_close_id else None
+            return [self.open_id] if generated[-1] == self.think_close_id else None
         start = len(generated) - 1 - generated[::-1].index(self.open_id)
         suffix = generated[start + 1:]
         if self.close_id in suffix:
@@ -64,7 +78,7 @@ class RouteConstraint(LogitsProcessor):
             generated = input_ids[row, self.prompt_length:].tolist()
             allowed = self.allowed_next(row, generated)
             if allowed is None:
-                scores[row, self.eos_id] = -float("inf")  # no route yet: the turn cannot end
+                scores[row, self.think_banned] = -float("inf")  # inside the think text
             else:
                 keep = scores[row, allowed].clone()
                 scores[row, :] = -float("inf")
@@ -72,6 +86,20 @@ class RouteConstraint(LogitsProcessor):
                 if self.route_bias and generated and generated[-1] == self.open_id and len(self.sequences[row]) > 1:
                     scores[row, self.sequences[row][-1][0]] += self.route_bias
         return scores
+
+
+_THINK_BANNED: dict[int, list[int]] = {}
+
+
+def think_banned_ids(tokenizer) -> list[int]:
+    """Token ids that may not appear in think text: the end of turn, and every token whose
+    text contains ``<`` except ``</think>`` (cached per tokenizer)."""
+    key = id(tokenizer)
+    if key not in _THINK_BANNED:
+        close = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
+        banned = [i for i in range(len(tokenizer)) if i != close and "<" in tokenizer.decode([i])]
+        _THINK_BANNED[key] = sorted(set(banned) | {tokenizer.eos_token_id})
+    return _THINK_BANNED[key]
 
 
 @dataclass
