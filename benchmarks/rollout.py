@@ -43,6 +43,11 @@ class RecordingEngine:
         return out
 
 
+def _reset_cache(engine) -> None:
+    if hasattr(engine, "llm"):
+        engine.llm.reset_prefix_cache()
+
+
 def measure(engine, recipe, episodes: int) -> dict:
     import torch
 
@@ -57,11 +62,14 @@ def measure(engine, recipe, episodes: int) -> dict:
     play_episodes(recorder, lambda: recipe.make_env("train", world=world), specs, "step", sample=True,
                   logprobs=True)  # warm-up (first-call compilation, caches)
     recorder.calls.clear()
+    recorder.seconds = 0.0
+    _reset_cache(engine)
     torch.manual_seed(0)
     start = time.perf_counter()
     played = play_episodes(recorder, lambda: recipe.make_env("train", world=world), specs, "step", sample=True,
                            logprobs=True)
     rollout_s = time.perf_counter() - start
+    _reset_cache(engine)  # the replay must not hit vLLM's prefix cache of the same prompts
     start = time.perf_counter()
     tokens = 0
     for prompts, allowed, kwargs, seed in recorder.calls:
@@ -71,7 +79,8 @@ def measure(engine, recipe, episodes: int) -> dict:
     generated = sum(len(t.completion_ids) for r in played for t in r.turns)
     return {"engine": engine.name, "episodes": episodes, "turns": sum(len(r.turns) for r in played),
             "generate_calls": len(recorder.calls), "generated_tokens": generated, "replayed_tokens": tokens,
-            "rollout_s": round(rollout_s, 3), "pure_generation_s": round(generation_s, 3),
+            "rollout_s": round(rollout_s, 3), "generate_s_inside_rollout": round(recorder.seconds, 3),
+            "pure_generation_s": round(generation_s, 3),
             "ratio": round(rollout_s / generation_s, 3)}
 
 
@@ -113,11 +122,12 @@ def main() -> None:
     if args.engine in ("vllm", "both"):
         engine = VLLMEngine(str(checkpoint), tok, recipe.pool.names, recipe.router.max_new_tokens)
         rows.append(measure(engine, recipe, args.episodes))
-    print("| engine | episodes | turns | generate calls | tokens | rollout (s) | pure generation (s) | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| engine | episodes | turns | generate calls | tokens | rollout (s) | of which generate (s) | "
+          "pure generation (s) | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['engine']} | {r['episodes']} | {r['turns']} | {r['generate_calls']} | {r['generated_tokens']} | "
-              f"{r['rollout_s']} | {r['pure_generation_s']} | {r['ratio']} |")
+              f"{r['rollout_s']} | {r['generate_s_inside_rollout']} | {r['pure_generation_s']} | {r['ratio']} |")
     print(json.dumps(rows))
     if tmp:
         tmp.cleanup()

@@ -343,3 +343,29 @@ def test_vllm_engine_rollouts_give_the_same_greedy_routes_as_hf_after_a_weight_u
     assert result["vllm_routes"] == result["hf_routes"]
     assert result["routes_changed"]  # ... enough to change greedy routes, so a stale vLLM would differ
     assert result["iteration"]["logprob_gap"] < 1e-3  # vLLM's log-probs are the trainer's
+
+
+@pytest.mark.slow
+def test_report_trains_each_variant_per_seed_and_aggregates_mean_and_spread(trained, tmp_path):
+    from rlrouter.evaluate.ablation import run_report
+
+    recipe = rl_recipe(trained, tmp_path, iterations=1, budgets=["none"], tasks_per_iteration=4)
+    recipe.eval.budgets = ["none", "large_calls=1"]
+    recipe.eval.policies = ["always-small", "always-large"]
+    result = run_report(recipe, seeds=[0, 1], variants=["bopo", "grpo+cost"], out_dir=tmp_path / "report", tasks=4,
+                        progress=False)
+    rows = {(r["policy"], r["budget"]): r for r in result["rows"]}
+    for variant in ("bopo", "grpo+cost"):
+        row = rows[(variant, "large_calls=1")]
+        assert row["seeds"] == 2 and row["budget_violations"] == 0
+        assert row["trained_cap"] is False and rows[(variant, "none")]["trained_cap"] is True
+        assert row["success_std"] >= 0
+    assert ("sft", "none") in rows and ("always-large", "none") in rows
+    runs = result["meta"]["runs"]
+    assert sorted((r["variant"], r["seed"]) for r in runs) == [("bopo", 0), ("bopo", 1), ("grpo+cost", 0),
+                                                               ("grpo+cost", 1)]
+    # grpo+cost prices "all large instead of all small" like BoPO's λ, in dollars
+    grpo = json.loads((Path(runs[2]["checkpoint"]) / "rlrouter.json").read_text())["rl"]["settings"]
+    assert grpo["reward"] == "cost" and grpo["cost_lambda"][0] > recipe.rl.lambda_range()[0]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| large_calls=1 | bopo | 2 |" in text and (tmp_path / "report" / "report.png").is_file()

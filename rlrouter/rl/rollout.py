@@ -156,6 +156,10 @@ class VLLMEngine:
 
     Call from a script guarded by ``if __name__ == "__main__":``. vLLM lowers torch's thread
     count when it starts; the previous count is restored so training runs at full speed.
+    Sampling draws from the engine's generator (seeded once at start): a run replays
+    exactly in one process, but a resumed run does not restore it (per-request seeds would,
+    but vLLM's CPU backend rejects them in mixed batches), so exact resume is a property of
+    the transformers engine.
     """
 
     name = "vllm"
@@ -204,7 +208,6 @@ class VLLMEngine:
             params.append(SamplingParams(
                 temperature=temperature if sample else 0.0, max_tokens=self.max_new_tokens,
                 logprobs=0 if logprobs else None, skip_special_tokens=False, structured_outputs=structured,
-                seed=None if not sample else int(torch.randint(0, 2**31 - 1, (1,))),  # seeded by the caller's torch RNG
             ))
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         result = []
