@@ -1,5 +1,6 @@
-"""One RL iteration with rollouts on the in-process vLLM engine, then greedy routes from
-vLLM (with the updated weights pushed into it) and from transformers, for tests/test_rl.py.
+"""One RL iteration with rollouts on the in-process vLLM engine (and two more from
+transformers rollouts), then greedy routes from vLLM (with the updated weights pushed into
+it) and from transformers, for tests/test_rl.py.
 
 usage: python tests/vllm_rl.py SYNTH_DIR CHECKPOINT OUT_DIR OUT.json
 Runs as a script: vLLM's engine needs a ``__main__`` guard.
@@ -25,7 +26,7 @@ if __name__ == "__main__":
     recipe = recipe_from_dict({**TINY, "synth": {**TINY["synth"], "out_dir": synth_dir}})
     model, tok, meta = load_checkpoint(checkpoint, recipe.pool.names)
     settings = RLSettings(engine="vllm", iterations=1, tasks_per_iteration=8, group_size=4, tasks=40,
-                          learning_rate=3e-2, budgets=["none", "large_calls=2"])
+                          learning_rate=1e-2, budgets=["none"], cost_lambda=0.0, hard_bonus=1.0)  # large pays
     make_env = lambda: recipe.make_env("train")  # noqa: E731
     specs = [EpisodeSpec(f"train-{i}", Budget(), seed=500 + i) for i in range(12)]
 
@@ -39,6 +40,12 @@ if __name__ == "__main__":
                         load_boundaries(Path(synth_dir) / "boundary.json"), recipe.pool.names, out_dir,
                         {"pool": recipe.pool.describe()}, seed=0, engine=engine)
     metrics = trainer.iterate()  # rollouts on vLLM, update, weights pushed into vLLM
+    # two more updates from transformers rollouts (seeded, so the weights surely move far
+    # enough to change greedy routes), pushed into vLLM the same way
+    trainer.engine = HFEngine(model, tok, recipe.pool.names, 32)
+    trainer.iterate()
+    trainer.iterate()
+    engine.load_weights(model)
     changed = any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     hf = routes(HFEngine(model, tok, recipe.pool.names, 32))
     vllm = routes(engine)
