@@ -165,14 +165,21 @@ class Batch:
     """Training sequences of one iteration, with per-token targets aligned to logits
     position t (which scores token t + 1)."""
 
-    input_ids: list[list[int]]
-    loss_mask: list[np.ndarray]  # 1 on router tokens
-    old_logprobs: list[np.ndarray]
-    advantages: list[np.ndarray]
+    input_ids: list[list[int]] = field(default_factory=list)
+    loss_mask: list[np.ndarray] = field(default_factory=list)  # 1 on router tokens
+    old_logprobs: list[np.ndarray] = field(default_factory=list)
+    owner: list[int] = field(default_factory=list)  # the rollout each sequence comes from
+    turn_index: list[np.ndarray] = field(default_factory=list)  # the turn that wrote each token (−1: none)
+    advantages: list[np.ndarray] = field(default_factory=list)  # per token, from set_advantages
     constraints: list[list[tuple[int, list[int] | None]]] = field(default_factory=list)  # (position, allowed ids)
     value_positions: list[list[int]] = field(default_factory=list)  # PPO: where each turn's value is read
     returns: list[list[float]] = field(default_factory=list)  # PPO, one per value position
     old_values: list[list[float]] = field(default_factory=list)
+
+    def set_advantages(self, per_rollout: list[np.ndarray]) -> None:
+        """Spread each rollout's per-turn advantages over the tokens of its turns."""
+        self.advantages = [np.where(t >= 0, per_rollout[i][np.maximum(t, 0)], 0.0)
+                           for i, t in zip(self.owner, self.turn_index)]
 
 
 class ValueHead(torch.nn.Module):
@@ -286,9 +293,10 @@ class RLTrainer:
                 advantages.append([np.full(len(ro.turns), a[i]) for i, ro in enumerate(played)])
         return rewards, advantages
 
-    def build_batch(self, flat: list[Rollout], flat_adv: list[np.ndarray | None]) -> Batch:
-        batch = Batch([], [], [], [])
-        for rollout, adv in zip(flat, flat_adv):
+    def build_batch(self, flat: list[Rollout]) -> Batch:
+        """The training sequences of ``flat`` (advantages are set afterwards)."""
+        batch = Batch()
+        for i, rollout in enumerate(flat):
             for ids, mask, turn_index in training_sequences(rollout, self.prompt_mode):
                 mask = np.asarray(mask[1:], dtype=np.float32)
                 turn_index = np.asarray(turn_index[1:])
@@ -304,8 +312,8 @@ class RLTrainer:
                 batch.input_ids.append(ids)
                 batch.loss_mask.append(mask)
                 batch.old_logprobs.append(old)
-                batch.advantages.append(np.where(turn_index >= 0, adv[np.maximum(turn_index, 0)], 0.0)
-                                        if adv is not None else np.zeros(len(ids) - 1))
+                batch.owner.append(i)
+                batch.turn_index.append(turn_index)
                 batch.value_positions.append(positions)
                 batch.constraints.append(constraints)
         return batch
@@ -389,7 +397,6 @@ class RLTrainer:
     def ppo_values(self, flat: list[Rollout], batch: Batch) -> list[np.ndarray]:
         """V at every router turn of every rollout, from the current model and value head."""
         values: dict[tuple[int, int], float] = {}
-        owner = [i for i, ro in enumerate(flat) for _ in training_sequences(ro, self.prompt_mode)]
         step = self.settings.micro_batch_size
         for start in range(0, len(batch.input_ids), step):
             chunk = range(start, min(start + step, len(batch.input_ids)))
@@ -397,7 +404,7 @@ class RLTrainer:
                                                   want_hidden=True)
             for row, j in enumerate(chunk):
                 for k, pos in batch.value_positions[j]:
-                    values[(owner[j], k)] = float(self.value_head(hidden[row, offsets[row] + pos]))
+                    values[(batch.owner[j], k)] = float(self.value_head(hidden[row, offsets[row] + pos]))
         return [np.array([values[(i, k)] for k in range(len(ro.turns))]) for i, ro in enumerate(flat)]
 
     # -- 4. the update --------------------------------------------------------------------
@@ -474,8 +481,8 @@ class RLTrainer:
         flat_adv = [a for group in advantages for a in group]
         start = time.perf_counter()
         metrics = {}
+        batch = self.build_batch(flat)
         if s.algorithm == "ppo":
-            batch = self.build_batch(flat, [np.zeros(len(ro.turns)) for ro in flat])
             values = self.ppo_values(flat, batch)
             flat_rewards = [r for group in rewards for r in group]
             flat_adv, returns = [], []
@@ -489,12 +496,9 @@ class RLTrainer:
             mean, std = all_adv.mean(), all_adv.std() + 1e-8
             flat_adv = [(a - mean) / std for a in flat_adv]  # advantage normalization over the batch
             metrics["explained_variance"] = explained_variance(np.concatenate(values), np.concatenate(returns))
-            batch = self.build_batch(flat, flat_adv)
-            owner = [i for i, ro in enumerate(flat) for _ in training_sequences(ro, self.prompt_mode)]
-            batch.returns = [[returns[owner[j]][k] for k, _ in batch.value_positions[j]] for j in range(len(owner))]
-            batch.old_values = [[values[owner[j]][k] for k, _ in batch.value_positions[j]] for j in range(len(owner))]
-        else:
-            batch = self.build_batch(flat, flat_adv)
+            batch.returns = [[returns[i][k] for k, _ in pos] for i, pos in zip(batch.owner, batch.value_positions)]
+            batch.old_values = [[values[i][k] for k, _ in pos] for i, pos in zip(batch.owner, batch.value_positions)]
+        batch.set_advantages(flat_adv)
         metrics.update(self.update(batch, rng))
         if s.engine == "vllm" and hasattr(self.engine, "load_weights"):
             self.engine.load_weights(self._merged_model())
