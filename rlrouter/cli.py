@@ -171,6 +171,14 @@ def _check(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from rlrouter.serve import serve
+
+    serve(args.checkpoint, args.pool, host=args.host, port=args.port, max_model_len=args.max_model_len,
+          gpu_memory_utilization=args.gpu_memory_utilization, dtype=args.dtype, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlrouter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -234,6 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write per-task statistics as JSON here")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_boundary)
+
+    p = sub.add_parser("serve", help="serve a router checkpoint with vLLM behind an OpenAI-compatible API")
+    p.add_argument("--checkpoint", required=True, help="router checkpoint folder (e.g. runs/quickstart/rl)")
+    p.add_argument("--pool", required=True, help="pool config YAML: endpoints, prices, limits (recipes/pool.yaml)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-model-len", type=int, default=2048, help="router context length")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                   help="vLLM memory fraction (on CPU: of the KV cache space)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("check", help="validate a recipe")
     p.add_argument("recipe")

@@ -34,7 +34,6 @@ updates at lr 2e-3).
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -44,9 +43,8 @@ from tqdm.auto import tqdm
 
 from envs.budget import Budget
 from envs.routing import RoutingEnv, nearest_allowed
-from rlrouter.router.prompt import (ROUTE_CLOSE, ROUTE_OPEN, THINK_CLOSE, THINK_OPEN, RouteFormatError,
-                                    feedback_user_message, first_user_message, parse_strict, parse_tolerant,
-                                    step_user_message, system_message)
+from rlrouter.router.prompt import (RouteFormatError, feedback_user_message, first_user_message, parse_strict,
+                                    parse_tolerant, route_regex, step_user_message, system_message)
 
 
 @dataclass
@@ -96,10 +94,6 @@ class Rollout:
     def malformed_fraction(self) -> float:
         return float(np.mean([not t.well_formed for t in self.turns])) if self.turns else 0.0
 
-
-def _route_regex(allowed: list[str]) -> str:
-    tiers = "|".join(re.escape(t) for t in allowed)
-    return f"{re.escape(THINK_OPEN)}[^<]*{re.escape(THINK_CLOSE)}{re.escape(ROUTE_OPEN)}({tiers}){re.escape(ROUTE_CLOSE)}"
 
 
 class HFEngine:
@@ -204,7 +198,7 @@ class VLLMEngine:
         self._calls += 1
         params = []
         for row_allowed in allowed:
-            structured = StructuredOutputsParams(regex=_route_regex(row_allowed)) if constrain else None
+            structured = StructuredOutputsParams(regex=route_regex(row_allowed)) if constrain else None
             params.append(SamplingParams(
                 temperature=temperature if sample else 0.0, max_tokens=self.max_new_tokens,
                 logprobs=0 if logprobs else None, skip_special_tokens=False, structured_outputs=structured,

@@ -93,6 +93,12 @@ def parse_tolerant(text: str, tiers: list[str], fallback: str) -> ParsedRoute:
     return ParsedRoute(tier, think, query)
 
 
+def route_regex(allowed: list[str]) -> str:
+    """The strict format over the allowed tiers, as a regex for vLLM's structured outputs."""
+    tiers = "|".join(re.escape(t) for t in allowed)
+    return f"{re.escape(THINK_OPEN)}[^<]*{re.escape(THINK_CLOSE)}{re.escape(ROUTE_OPEN)}({tiers}){re.escape(ROUTE_CLOSE)}"
+
+
 def format_route(tier: str, think: str) -> str:
     """The assistant turn the router is trained to write."""
     return f"{THINK_OPEN}{think}{THINK_CLOSE}{ROUTE_OPEN}{tier}{ROUTE_CLOSE}"

@@ -1,0 +1,57 @@
+"""Serve a trained router with vLLM behind an OpenAI-compatible API (``rlrouter serve``).
+
+- ``config``: the pool config (``pool.yaml``): endpoints, prices, limits, key variable names
+- ``engine``: the router LLM on vLLM's async engine, decoded under a structured-output regex
+- ``service``: step routing and the think/route/answer chat loop, with budget arithmetic
+- ``pool_client``: calls to the pool's models with retries, backoff and cost from ``usage``
+- ``app``: the FastAPI app (OpenAI-shaped requests, responses and errors, SSE, metrics)
+- ``local_pool``: a small OpenAI-compatible server to try the router without model servers
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+
+def serve(checkpoint: str | Path, pool_path: str | Path, host: str = "127.0.0.1", port: int = 8000,
+          max_model_len: int = 2048, gpu_memory_utilization: float = 0.5, dtype: str = "auto",
+          log_level: str = "info") -> None:
+    """Check everything a user can get wrong first, then start the engine and the server."""
+    import uvicorn
+
+    from rlrouter.router.checkpoint import read_meta
+    from rlrouter.serve.app import create_app
+    from rlrouter.serve.config import load_serve_config
+    from rlrouter.serve.service import pool_descriptors
+
+    meta = read_meta(checkpoint)
+    config = load_serve_config(pool_path)
+    descriptors = pool_descriptors(config, meta)
+    missing = [f"{where} names {name} but it is not set" for where, name in
+               [("server.api_key_env", config.api_key_env)] +
+               [(f"pool tier {tier}.api_key_env", e.api_key_env) for tier, e in config.endpoints.items()]
+               if name and not os.environ.get(name)]
+    if missing:
+        raise ValueError(f"{pool_path}: " + "; ".join(missing) + " (export it, or remove api_key_env)")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine_kwargs = {"max_model_len": max_model_len, "gpu_memory_utilization": gpu_memory_utilization,
+                     "dtype": dtype}
+    app = create_app(config, service_factory(checkpoint, config, descriptors, engine_kwargs))
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def service_factory(checkpoint, config, descriptors, engine_kwargs):
+    async def build(metrics):
+        from transformers import AutoTokenizer
+
+        from rlrouter.serve.engine import RouterEngine
+        from rlrouter.serve.pool_client import PoolClient
+        from rlrouter.serve.service import RouterService
+
+        engine = RouterEngine(checkpoint, **engine_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        return RouterService(engine, tokenizer, config, PoolClient(config, metrics), metrics, descriptors)
+
+    return build

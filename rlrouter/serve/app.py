@@ -1,0 +1,298 @@
+"""The HTTP face of the router: an OpenAI-compatible API on FastAPI.
+
+- ``POST /v1/chat/completions``: the request is the task; the router thinks, routes
+  sub-queries to the pool, reads the replies and answers (``rlrouter.serve.service``). The
+  response is a normal chat completion; ``usage`` adds ``cost_usd`` and the router's own
+  tokens; the field ``rlrouter`` holds the trace. ``stream: true`` sends the answer as SSE
+  chunks once it is known.
+- ``POST /v1/route``: step mode for agent frameworks: the episode so far and the budget;
+  returns the tier (and the think text) without calling a model.
+- ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus).
+
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: bad input is a
+400 naming the field, a missing or wrong key a 401, a budget that cannot pay for one call
+a 400 with code ``budget_too_small``, pool failures a 502; never a 500 for bad input.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from envs.budget import Budget
+from rlrouter.serve.config import ServeConfig
+from rlrouter.serve.metrics import ServeMetrics
+from rlrouter.serve.service import BudgetError, RequestTooLong, RouterService, Spend, UpstreamError
+
+log = logging.getLogger("rlrouter.serve")
+STREAM_CHUNK_CHARS = 64
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", extra: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind, self.extra = status, message, param, code, kind, extra
+
+
+# -- request bodies ----------------------------------------------------------------------
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields (user, seed, …) that change nothing here
+
+    model: str = ""
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+    tools: list[Any] | None = None
+    budget: dict[str, Any] | None = None
+    max_turns: int | None = Field(None, ge=1)
+    router_temperature: float = Field(0.0, ge=0, le=2)
+
+
+class HistoryStep(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tier: str
+    event: str = "ok"
+    observation: str = ""
+
+
+class Progress(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    done: int = Field(ge=0)
+    total: int = Field(ge=1)
+
+
+class CallTokens(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: int = Field(0, ge=0)
+    output: int | None = Field(None, ge=1)
+
+
+class Spent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    usd: float = Field(0.0, ge=0)
+    calls: dict[str, int] = Field(default_factory=dict)
+
+
+class RouteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(min_length=1)
+    next_step: str = Field(min_length=1)
+    history: list[HistoryStep] = Field(default_factory=list)
+    step_index: int | None = Field(None, ge=0)
+    max_steps: int | None = Field(None, ge=1)
+    progress: Progress | None = None
+    budget: dict[str, Any] | None = None
+    spent: Spent | None = None
+    next_call_tokens: CallTokens | None = None
+    cost_weight: float | None = Field(None, ge=0)
+    temperature: float = Field(0.0, ge=0, le=2)
+
+
+# -- the app -------------------------------------------------------------------------------
+def create_app(config: ServeConfig, service_factory) -> FastAPI:
+    """``service_factory()`` builds the ``RouterService`` (the engine starts inside the
+    server's event loop); ``service.engine.shutdown()`` runs when the server stops."""
+    metrics = ServeMetrics()
+    state: dict[str, RouterService] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state["service"] = await service_factory(metrics)
+        log.info("router ready: tiers %s, auth %s", config.pool.names, "on" if config.api_key_env else "off")
+        yield
+        service = state.pop("service")
+        await service.pool_client.aclose()
+        service.engine.shutdown()
+
+    app = FastAPI(title="rlrouter", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError):
+        body = {"error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.code}}
+        if err.extra:
+            body["rlrouter"] = err.extra
+        return JSONResponse(body, status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError):
+        first = err.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            message, param = "the request body is not valid JSON", None
+        else:
+            param = ".".join(loc) or None
+            message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                       "code": "invalid_value"}}, status_code=400)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        endpoint = request.url.path if request.url.path in KNOWN_PATHS else "other"
+        metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
+        metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)
+        return response
+
+    def service() -> RouterService:
+        if "service" not in state or not state["service"].engine.healthy:
+            raise APIError(503, "the router engine is not running", kind="server_error", code="engine_down")
+        return state["service"]
+
+    def authorize(request: Request) -> None:
+        key = config.server_api_key()
+        if not key:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           kind="authentication_error", code="invalid_api_key")
+
+    def budget_of(raw: dict | None, param: str = "budget") -> Budget:
+        if raw is None:
+            return config.default_budget
+        try:
+            budget = Budget.from_dict(raw, where=param)
+            budget.check_tiers(config.pool)
+        except (ValueError, TypeError) as err:
+            raise APIError(400, str(err), param=param, code="invalid_budget") from None
+        return budget
+
+    @app.get("/health")
+    async def health():
+        if "service" not in state or not state["service"].engine.healthy:
+            return JSONResponse({"status": "starting" if "service" not in state else "engine_down"}, status_code=503)
+        return {"status": "ok", "model": config.served_model_name, "tiers": config.pool.names}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models():
+        return {"object": "list", "data": [{"id": config.served_model_name, "object": "model", "owned_by": "rlrouter"}]}
+
+    @app.post("/v1/route", dependencies=[Depends(authorize)])
+    async def route(body: RouteRequest):
+        svc = service()
+        budget = budget_of(body.budget)
+        for i, step in enumerate(body.history):
+            if step.tier not in config.pool.names:
+                raise APIError(400, f"history[{i}].tier {step.tier!r} is not a tier of the pool {config.pool.names}",
+                               param=f"history.{i}.tier")
+        if body.spent is None:
+            if budget.usd is not None and body.history:
+                raise APIError(400, "spent.usd is required with a usd budget once the episode has history "
+                               "(the dollars the episode has spent so far)", param="spent.usd")
+            calls = {}
+            for step in body.history:
+                calls[step.tier] = calls.get(step.tier, 0) + 1
+            spend = Spend(0.0, calls)
+        else:
+            unknown = set(body.spent.calls) - set(config.pool.names)
+            if unknown or any(v < 0 for v in body.spent.calls.values()):
+                raise APIError(400, f"spent.calls must map tiers of the pool {config.pool.names} to counts >= 0",
+                               param="spent.calls")
+            spend = Spend(body.spent.usd, dict(body.spent.calls))
+        request = body.model_dump(exclude_none=True)
+        try:
+            result = await svc.route(request, budget, spend)
+        except RequestTooLong as err:
+            raise APIError(400, str(err), param="task", code="context_length_exceeded") from None
+        return {"id": f"route-{uuid.uuid4().hex}", "object": "route", "model": config.served_model_name, **result}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat(body: ChatRequest):
+        svc = service()
+        if body.tools:
+            raise APIError(400, "tools are not supported: the router answers through its pool", param="tools")
+        if not any(m.role == "user" for m in body.messages):
+            raise APIError(400, "messages must hold at least one user message (the request)", param="messages")
+        budget = budget_of(body.budget)
+        max_turns = body.max_turns or config.max_turns
+        if max_turns > config.max_turns:
+            raise APIError(400, f"max_turns {max_turns} exceeds the server's limit {config.max_turns}",
+                           param="max_turns")
+        max_tokens = body.max_completion_tokens or body.max_tokens or config.max_tokens
+        sampling = {k: v for k, v in (("temperature", body.temperature), ("top_p", body.top_p)) if v is not None}
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            result = await svc.chat(messages, budget, max_turns, max_tokens, body.router_temperature, sampling)
+        except BudgetError as err:
+            raise APIError(400, str(err), param="budget", code="budget_too_small") from None
+        except RequestTooLong as err:
+            raise APIError(400, str(err), param="messages", code="context_length_exceeded") from None
+        except UpstreamError as err:
+            raise APIError(502, str(err), kind="upstream_error", code="pool_unavailable",
+                           extra={"trace": err.trace}) from None
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        extra = {k: result[k] for k in ("trace", "stopped", "budget", "spend", "malformed_router_turns")}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_sse(completion_id, config.served_model_name, result, extra, include_usage),
+                                     media_type="text/event-stream")
+        return {"id": completion_id, "object": "chat.completion", "created": int(time.time()),
+                "model": config.served_model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result["answer"]},
+                             "finish_reason": result["finish_reason"]}],
+                "usage": result["usage"], "rlrouter": extra}
+
+    return app
+
+
+KNOWN_PATHS = {"/v1/chat/completions", "/v1/route", "/v1/models", "/health", "/metrics"}
+
+
+async def _sse(completion_id: str, model: str, result: dict, extra: dict, include_usage: bool):
+    created = int(time.time())
+
+    def chunk(delta: dict, finish_reason=None, **more) -> str:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **more}
+        return f"data: {json.dumps(body)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    answer = result["answer"]
+    for start in range(0, len(answer), STREAM_CHUNK_CHARS):
+        yield chunk({"content": answer[start:start + STREAM_CHUNK_CHARS]})
+    yield chunk({}, result["finish_reason"], rlrouter=extra)
+    if include_usage:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [], "usage": result["usage"]}
+        yield f"data: {json.dumps(body)}\n\n"
+    yield "data: [DONE]\n\n"
