@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
-from pathlib import Path
+
+from common import router_checkpoint
 
 
 class RecordingEngine:
@@ -95,25 +95,10 @@ def main() -> None:
 
     from rlrouter.config import load_recipe
     from rlrouter.rl.rollout import HFEngine, VLLMEngine
-    from rlrouter.router.checkpoint import load_checkpoint, save_checkpoint
+    from rlrouter.router.checkpoint import load_checkpoint
 
     recipe = load_recipe(args.recipe)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else recipe.sft_dir()
-    tmp = None
-    if not (checkpoint / "rlrouter.json").is_file():
-        from rlrouter.router.model import build_tiny_router, train_tokenizer
-        from rlrouter.router.prompt import step_user_message, system_message
-
-        env = recipe.make_env("train")
-        texts = []
-        for task in env.task_ids[:200]:
-            env.reset(seed=0, options={"task_id": task})
-            texts.append(system_message(env.pool.describe()) + "\n" + step_user_message(env.view()))
-        tok = train_tokenizer(texts, 1024)
-        tmp = tempfile.TemporaryDirectory()
-        checkpoint = save_checkpoint(build_tiny_router(tok), tok, Path(tmp.name) / "router",
-                                     {"pool": recipe.pool.describe(), "router": {"prompt_mode": "step"}})
-        print(f"no trained checkpoint found: using an untrained tiny router ({checkpoint})")
+    checkpoint, tmp = router_checkpoint(recipe, args.checkpoint)
     model, tok, _ = load_checkpoint(checkpoint, recipe.pool.names)
     rows = []
     if args.engine in ("hf", "both"):

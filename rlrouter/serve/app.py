@@ -159,21 +159,14 @@ def create_app(config: ServeConfig, service_factory) -> FastAPI:
         return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param,
                                        "code": "invalid_value"}}, status_code=400)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        endpoint = request.url.path if request.url.path in KNOWN_PATHS else "other"
-        metrics.requests.labels(endpoint=endpoint, status=str(response.status_code)).inc()
-        metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(CountRequests, metrics=metrics)
 
     def service() -> RouterService:
         if "service" not in state or not state["service"].engine.healthy:
             raise APIError(503, "the router engine is not running", kind="server_error", code="engine_down")
         return state["service"]
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:  # async: FastAPI runs sync dependencies in a thread pool
         key = config.server_api_key()
         if not key:
             return
@@ -234,7 +227,8 @@ def create_app(config: ServeConfig, service_factory) -> FastAPI:
             result = await svc.route(request, budget, spend)
         except RequestTooLong as err:
             raise APIError(400, str(err), param="task", code="context_length_exceeded") from None
-        return {"id": f"route-{uuid.uuid4().hex}", "object": "route", "model": config.served_model_name, **result}
+        return JSONResponse({"id": f"route-{uuid.uuid4().hex}", "object": "route", "model": config.served_model_name,
+                             **result})
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(body: ChatRequest):
@@ -266,16 +260,41 @@ def create_app(config: ServeConfig, service_factory) -> FastAPI:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_sse(completion_id, config.served_model_name, result, extra, include_usage),
                                      media_type="text/event-stream")
-        return {"id": completion_id, "object": "chat.completion", "created": int(time.time()),
-                "model": config.served_model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result["answer"]},
-                             "finish_reason": result["finish_reason"]}],
-                "usage": result["usage"], "rlrouter": extra}
+        return JSONResponse({"id": completion_id, "object": "chat.completion", "created": int(time.time()),
+                             "model": config.served_model_name,
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": result["answer"]},
+                                          "finish_reason": result["finish_reason"]}],
+                             "usage": result["usage"], "rlrouter": extra})
 
     return app
 
 
 KNOWN_PATHS = {"/v1/chat/completions", "/v1/route", "/v1/models", "/health", "/metrics"}
+
+
+class CountRequests:
+    """Requests and latency per endpoint and status. A plain ASGI middleware: Starlette's
+    ``@app.middleware("http")`` wraps every response in a stream and a task."""
+
+    def __init__(self, app, metrics: ServeMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            endpoint = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status[0])).inc()
+            self.metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - start)
 
 
 async def _sse(completion_id: str, model: str, result: dict, extra: dict, include_usage: bool):
