@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve a router checkpoint with vLLM behind an OpenAI-compatible API")
     p.add_argument("--checkpoint", required=True, help="router checkpoint folder (e.g. runs/quickstart/rl)")
-    p.add_argument("--pool", required=True, help="pool config YAML: endpoints, prices, limits (recipes/pool.yaml)")
+    p.add_argument("--pool", required=True, help="pool config YAML: endpoints, prices, limits (recipes/serve/pool.yaml)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-model-len", type=int, default=2048, help="router context length")

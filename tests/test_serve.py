@@ -75,7 +75,7 @@ def test_pool_config_errors_name_the_field(mutate, message):
 def test_example_pool_config_loads():
     from rlrouter.serve.config import load_serve_config
 
-    config = load_serve_config(ROOT / "recipes" / "pool.yaml")
+    config = load_serve_config(ROOT / "recipes" / "serve" / "pool.yaml")
     assert config.pool.names == ["small", "large"]
     assert config.default_budget == Budget(usd=0.05, max_calls={"large": 3})
 

@@ -82,7 +82,7 @@ class ServeConfig:
 def load_serve_config(path: str | Path) -> ServeConfig:
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"pool config {path} not found; see recipes/pool.yaml for an example")
+        raise ValueError(f"pool config {path} not found; see recipes/serve/pool.yaml for an example")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
