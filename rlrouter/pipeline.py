@@ -114,6 +114,9 @@ def run_rl_stage(recipe: Recipe, init: str | Path | None = None, out_dir: str | 
                         prompt_mode=prompt_mode, max_new_tokens=recipe.router.max_new_tokens,
                         eval_make_env=lambda: recipe.make_env(recipe.eval.split, world=world),
                         eval_task_ids=eval_env.task_ids, engine=engine)
+    meta["training"]["rl_device"] = str(trainer.device)  # the trainer keeps this dict and saves it
+    if progress:
+        print(f"rl: {cfg.algorithm} on {trainer.device}, {cfg.engine} rollouts", flush=True)
     if resume:
         trainer.load_state(out_dir)
     return trainer.train(progress=progress, stop_after=stop_after)

@@ -158,6 +158,7 @@ def test_token_logprobs_match_log_softmax():
     ("engine", "tgi", "rl.engine"),
     ("group_size", 1, "group_size"),
     ("cost_lambda", [0.9, 0.1], "cost_lambda"),
+    ("device", "tpu", "rl.device"),
 ])
 def test_rl_settings_name_the_bad_field(field, value, match):
     with pytest.raises(ValueError, match=match):

@@ -84,6 +84,8 @@ class RLSettings:
         eval_every / eval_tasks: greedy evaluation on held-out tasks every N iterations
             (0: never) during training.
         out_dir: default ``runs/<name>/rl``.
+        device: where the policy trains and generates: ``auto`` (CUDA when available, else
+            CPU), ``cpu``, ``cuda`` or ``cuda:N``.
     """
 
     algorithm: str = "bopo"
@@ -125,8 +127,11 @@ class RLSettings:
     eval_every: int = 0
     eval_tasks: int = 50
     out_dir: str | None = None
+    device: str = "auto"
 
     def __post_init__(self):
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"rl.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"rl.algorithm must be one of {list(ALGORITHMS)}, got {self.algorithm!r}")
         if self.reward not in REWARD_KINDS:
@@ -233,14 +238,16 @@ class RLTrainer:
 
             model = get_peft_model(model, LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0,
                                                      target_modules="all-linear", task_type="CAUSAL_LM"))
-        self.model = model
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto"
+                                   else s.device)
+        self.model = model.to(self.device)
         self.model.train()
         self.ref_model = copy.deepcopy(model).eval() if s.kl_coef else None
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": params, "lr": s.learning_rate}]
         self.value_head = None
         if s.algorithm == "ppo":
-            self.value_head = ValueHead(self.model.config.hidden_size)
+            self.value_head = ValueHead(self.model.config.hidden_size).to(self.device)
             groups.append({"params": list(self.value_head.parameters()), "lr": s.value_learning_rate})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         self.engine = engine or HFEngine(self.model, tokenizer, self.tiers, max_new_tokens)
@@ -345,7 +352,7 @@ class RLTrainer:
             shared = 0
         cache = None
         if shared:
-            cache = model(input_ids=torch.tensor([first[:shared]]), use_cache=True).past_key_values
+            cache = model(input_ids=torch.tensor([first[:shared]], device=self.device), use_cache=True).past_key_values
             cache.batch_repeat_interleave(len(ids_list))
         width = max(len(ids) for ids in ids_list) - shared
         input_ids = torch.full((len(ids_list), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -359,6 +366,7 @@ class RLTrainer:
             offsets.append(width - len(ids))
         # positions count real tokens only (pads between the prefix and the row do not advance them)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        input_ids, attention, positions = (t.to(self.device) for t in (input_ids, attention, positions))
         out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
                     logits_to_keep=keep, output_hidden_states=want_hidden, use_cache=False)
         logits = out.logits / self.settings.temperature
@@ -375,7 +383,7 @@ class RLTrainer:
                     else:
                         banned[row, col, :] = True
                         banned[row, col, allowed] = False
-            logits = logits.masked_fill(banned, float("-inf"))
+            logits = logits.masked_fill(banned.to(self.device), float("-inf"))
         logp, entropy = token_logprobs(logits, input_ids[:, width - keep:])
         return logp, entropy, (out.hidden_states[-1] if want_hidden else None), offsets
 
@@ -384,14 +392,13 @@ class RLTrainer:
         """Positions the LM head must score: from the first router token of any row to the end."""
         return max(len(m) - int(np.flatnonzero(m)[0]) for m in loss_masks) + 1
 
-    @staticmethod
-    def _tail(arrays: list[np.ndarray], keep: int) -> torch.Tensor:
+    def _tail(self, arrays: list[np.ndarray], keep: int) -> torch.Tensor:
         """The last ``keep`` − 1 entries of per-position arrays, left-padded with zeros."""
         out = torch.zeros((len(arrays), keep - 1), dtype=torch.float32)
         for row, a in enumerate(arrays):
             a = np.asarray(a[-(keep - 1):], dtype=np.float32)
             out[row, keep - 1 - len(a):] = torch.from_numpy(a)
-        return out
+        return out.to(self.device)
 
     @torch.no_grad()
     def ppo_values(self, flat: list[Rollout], batch: Batch) -> list[np.ndarray]:
@@ -443,8 +450,8 @@ class RLTrainer:
                         rows = [(r, offsets[r] + pos, batch.returns[j][i], batch.old_values[j][i])
                                 for r, j in enumerate(micro) for i, (_, pos) in enumerate(batch.value_positions[j])]
                         v = self.value_head(torch.stack([hidden[r, pos] for r, pos, _, _ in rows]))
-                        ret = torch.tensor([x[2] for x in rows])
-                        v_old = torch.tensor([x[3] for x in rows])
+                        ret = torch.tensor([x[2] for x in rows], device=self.device)
+                        v_old = torch.tensor([x[3] for x in rows], device=self.device)
                         v_clip = v_old + (v - v_old).clamp(-s.clip_eps, s.clip_eps)
                         v_loss = 0.5 * torch.max((v - ret) ** 2, (v_clip - ret) ** 2).sum() / n_values
                         loss = loss + s.value_coef * v_loss
@@ -600,9 +607,10 @@ class RLTrainer:
             raise FileNotFoundError(f"{state}/state.json not found: {checkpoint} has no RL trainer state to resume")
         saved = json.loads((state / "state.json").read_text())
         self.iteration, self.history = saved["iteration"], saved["history"]
-        self.optimizer.load_state_dict(torch.load(state / "optimizer.pt", weights_only=True))
+        self.optimizer.load_state_dict(torch.load(state / "optimizer.pt", weights_only=True, map_location=self.device))
         if self.value_head is not None:
-            self.value_head.load_state_dict(torch.load(state / "value_head.pt", weights_only=True))
+            self.value_head.load_state_dict(torch.load(state / "value_head.pt", weights_only=True,
+                                                       map_location=self.device))
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:

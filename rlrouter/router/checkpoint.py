@@ -85,8 +85,10 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-def load_checkpoint(path: str | Path, pool_names: list[str] | None = None):
-    """(model, tokenizer, meta) from a checkpoint directory, in eval mode."""
+def load_checkpoint(path: str | Path, pool_names: list[str] | None = None, device: str | None = None):
+    """(model, tokenizer, meta) from a checkpoint directory, in eval mode, on ``device``
+    (default: CUDA when available, else CPU)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     meta = read_meta(path)
@@ -102,7 +104,7 @@ def load_checkpoint(path: str | Path, pool_names: list[str] | None = None):
         raise CheckpointError(f"checkpoint {path}: cannot be loaded ({err})") from None
     tokenizer.padding_side = "left"
     model.eval()
-    return model, tokenizer, meta
+    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), tokenizer, meta
 
 
 def load_router(name_or_path: str):
