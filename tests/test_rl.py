@@ -238,6 +238,30 @@ def test_rollout_sequences_mask_exactly_the_generated_tokens(trained, prompt_mod
         assert all(turn.completion_ids[0] == tok.convert_tokens_to_ids("<think>") for turn in rollout.turns)
 
 
+@pytest.mark.slow
+def test_route_only_loss_trains_the_decision_and_not_the_think_text(trained):
+    from rlrouter.rl.trainer import RLTrainer
+    from rlrouter.router.checkpoint import load_checkpoint
+
+    recipe, path = trained
+    model, tok, _ = load_checkpoint(path, recipe.pool.names)
+    torch.manual_seed(0)
+    specs = [EpisodeSpec(f"train-{i}", Budget(), seed=i) for i in range(3)]
+    rollouts = play_episodes(HFEngine(model, tok, recipe.pool.names, max_new_tokens=32),
+                             lambda: recipe.make_env("train"), specs, "step", sample=True, logprobs=True)
+    trainer = RLTrainer.__new__(RLTrainer)  # build_batch needs only the settings and the tokenizer
+    trainer.settings, trainer.tokenizer, trainer.prompt_mode = RLSettings(loss_tokens="route"), tok, "step"
+    batch = trainer.build_batch(rollouts)
+    turns = [turn for rollout in rollouts for turn in rollout.turns]
+    assert len(batch.input_ids) == len(turns)
+    for ids, mask, turn in zip(batch.input_ids, batch.loss_mask, turns):
+        trained_tokens = [tok.decode([ids[1:][p]]) for p in np.flatnonzero(mask)]
+        text = tok.decode(turn.completion_ids)
+        tier = text.split("<route>")[1].split("</route>")[0]
+        # forced tokens (log-prob 0) and the tier; the think text and </think> get no gradient
+        assert trained_tokens == ["<think>", "<route>", tier, "</route>", tok.eos_token], (trained_tokens, text)
+
+
 # -- training runs ------------------------------------------------------------------------
 def rl_recipe(trained, tmp_path, **rl):
     recipe = copy.deepcopy(trained[0])

@@ -84,6 +84,9 @@ class RLSettings:
         eval_every / eval_tasks: greedy evaluation on held-out tasks every N iterations
             (0: never) during training.
         out_dir: default ``runs/<name>/rl``.
+        loss_tokens: which generated tokens the policy loss covers: ``all`` (think text and
+            route) or ``route`` (the route decision only; think text is still generated, and
+            conditions the route, but gets no gradient).
         device: where the policy trains and generates: ``auto`` (CUDA when available, else
             CPU), ``cpu``, ``cuda`` or ``cuda:N``.
     """
@@ -127,9 +130,12 @@ class RLSettings:
     eval_every: int = 0
     eval_tasks: int = 50
     out_dir: str | None = None
+    loss_tokens: str = "all"
     device: str = "auto"
 
     def __post_init__(self):
+        if self.loss_tokens not in ("all", "route"):
+            raise ValueError(f"rl.loss_tokens must be 'all' or 'route', got {self.loss_tokens!r}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"rl.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.algorithm not in ALGORITHMS:
@@ -314,8 +320,11 @@ class RLTrainer:
                     if len(where):
                         old[where] = turn.logprobs
                         positions.append((k, int(where[0])))  # logits position before the turn's first token
-                        constraints += [(int(pos), allowed) for pos, allowed
-                                        in zip(where, constraint_masks(self.tokenizer, turn)) if allowed != []]
+                        for pos, allowed in zip(where, constraint_masks(self.tokenizer, turn)):
+                            if allowed is None and self.settings.loss_tokens == "route":
+                                mask[pos] = 0.0  # think text: generated, but no gradient (and not scored)
+                            elif allowed != []:
+                                constraints.append((int(pos), allowed))
                 batch.input_ids.append(ids)
                 batch.loss_mask.append(mask)
                 batch.old_logprobs.append(old)
