@@ -73,19 +73,40 @@ class RouteConstraint(LogitsProcessor):
                        if len(seq) > len(suffix) and seq[: len(suffix)] == suffix}) or [self.eos_id]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """One decoding step for the whole batch: the rows' allowed sets are worked out in
+        Python from one copy of the generated ids, then applied with a few batched tensor
+        operations (per-row indexing cost a CUDA launch per row and step: 40% of an RL
+        iteration on a GPU)."""
         scores = scores.clone()  # generate(output_logits=True) keeps the raw tensor: never edit it in place
-        for row in range(input_ids.shape[0]):
-            generated = input_ids[row, self.prompt_length:].tolist()
+        think_rows, forced_rows, keep_rows, keep_cols, bias_rows, bias_cols = [], [], [], [], [], []
+        for row, generated in enumerate(input_ids[:, self.prompt_length:].tolist()):
             allowed = self.allowed_next(row, generated)
             if allowed is None:
-                scores[row, self.think_banned] = -float("inf")  # inside the think text
-            else:
-                keep = scores[row, allowed].clone()
-                scores[row, :] = -float("inf")
-                scores[row, allowed] = keep
-                if self.route_bias and generated and generated[-1] == self.open_id and len(self.sequences[row]) > 1:
-                    scores[row, self.sequences[row][-1][0]] += self.route_bias
+                think_rows.append(row)  # inside the think text
+                continue
+            forced_rows.append(row)
+            keep_rows += [row] * len(allowed)
+            keep_cols += allowed
+            if self.route_bias and generated and generated[-1] == self.open_id and len(self.sequences[row]) > 1:
+                bias_rows.append(row)
+                bias_cols.append(self.sequences[row][-1][0])
+        device = scores.device
+        if think_rows:
+            rows = torch.tensor(think_rows, device=device)
+            scores[rows[:, None], self._banned_on(device)[None, :]] = -float("inf")
+        if forced_rows:
+            rows, cols = torch.tensor(keep_rows, device=device), torch.tensor(keep_cols, device=device)
+            keep = scores[rows, cols]
+            scores[torch.tensor(forced_rows, device=device)] = -float("inf")
+            scores[rows, cols] = keep
+            if bias_rows:
+                scores[torch.tensor(bias_rows, device=device), torch.tensor(bias_cols, device=device)] += self.route_bias
         return scores
+
+    def _banned_on(self, device) -> torch.Tensor:
+        if getattr(self, "_banned_tensor", None) is None or self._banned_tensor.device != torch.device(device):
+            self._banned_tensor = torch.tensor(self.think_banned, device=device)
+        return self._banned_tensor
 
 
 _THINK_BANNED: dict[int, list[int]] = {}
