@@ -36,6 +36,10 @@ def serve(checkpoint: str | Path, pool_path: str | Path, host: str = "127.0.0.1"
     if missing:
         raise ValueError(f"{pool_path}: " + "; ".join(missing) + " (export it, or remove api_key_env)")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if meta.get("router", {}).get("prompt_mode") == "episode":
+        logging.getLogger("rlrouter.serve").warning(
+            "%s was trained on episode prompts; /v1/route sends it the step prompt (one chat per decision), "
+            "which it has not seen in training", checkpoint)
     engine_kwargs = {"max_model_len": max_model_len, "gpu_memory_utilization": gpu_memory_utilization,
                      "dtype": dtype}
     app = create_app(config, service_factory(checkpoint, config, descriptors, engine_kwargs))
