@@ -3,8 +3,9 @@
 Same tiny model (built once, saved, loaded twice), same single-turn workload: the first
 router prompt of each task of a one-step replay world, G completions per prompt, the same
 completion cap, learning rate, batch and number of steps, no KL term, transformers
-``generate`` on both sides, both on CUDA when it is available (fp32), else on the CPU. Each side's wall time covers generation, rewards and the
-update; divided by the completion tokens it generated. Prints both and the ratio
+``generate`` on both sides, both on CUDA when it is available (fp32), else on the CPU.
+Each side's wall time covers generation, rewards and the update; divided by the
+completion tokens it generated. Prints both and the ratio
 rlrouter / TRL (goal ≤ 1.0).
 
 usage: python benchmarks/rl_step.py [--steps 4] [--prompts 16] [--group 8] [--max-new-tokens 32]
@@ -17,6 +18,8 @@ import json
 import tempfile
 import time
 from pathlib import Path
+
+from rlrouter.router.model import default_device
 
 POOL = [{"name": "small", "usd_per_1m_input": 0.4, "usd_per_1m_output": 1.6, "executor": {"model": "cheap"}},
         {"name": "large", "usd_per_1m_input": 2.0, "usd_per_1m_output": 8.0, "executor": {"model": "strong"}}]
@@ -83,8 +86,8 @@ def run_trl(checkpoint: Path, messages, args) -> dict:
         output_dir=str(checkpoint.parent / "trl"), max_steps=args.steps + 1, learning_rate=args.lr,
         per_device_train_batch_size=len(messages) * args.group, num_generations=args.group,
         max_completion_length=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, beta=0.0,
-        num_iterations=1, logging_steps=1, report_to=[], use_cpu=not _cuda(), bf16=False, save_strategy="no",
-        lr_scheduler_type="constant", warmup_steps=0, seed=0, disable_dropout=True,
+        num_iterations=1, logging_steps=1, report_to=[], use_cpu=default_device() == "cpu", bf16=False,
+        save_strategy="no", lr_scheduler_type="constant", warmup_steps=0, seed=0, disable_dropout=True,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=[route_reward], args=config, processing_class=tok,
                           train_dataset=Dataset.from_dict({"prompt": messages * (args.steps + 2)}))
@@ -108,12 +111,6 @@ def run_trl(checkpoint: Path, messages, args) -> dict:
             "s_per_token": seconds / tokens}
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4)
@@ -134,7 +131,7 @@ def main() -> None:
                                      {"pool": recipe.pool.describe(), "router": {"prompt_mode": "step"}})
         ours = run_rlrouter(checkpoint, recipe, task_ids, args)
         trl = run_trl(checkpoint, messages, args)
-    print(f"device: {'cuda' if _cuda() else 'cpu'}")
+    print(f"device: {default_device()}")
     print("| trainer | steps | generated tokens | seconds | s / generated token |")
     print("|---|---|---|---|---|")
     for r in (ours, trl):

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,12 +30,6 @@ from pathlib import Path
 import numpy as np
 
 from common import router_checkpoint
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> dict[str, float]:
@@ -117,21 +110,19 @@ async def raw_generation(checkpoint: Path, config, bodies: list[dict], clients: 
     from transformers import AutoTokenizer
 
     from envs import Budget
-    from rlrouter.router.prompt import route_regex, step_user_message, system_message
-    from rlrouter.serve.engine import RouterEngine
     from rlrouter.router.checkpoint import read_meta
-    from rlrouter.serve.service import Spend, allowed_tiers, pool_descriptors, step_view
+    from rlrouter.router.prompt import route_regex
+    from rlrouter.serve.engine import RouterEngine
+    from rlrouter.serve.service import RouterService, Spend, pool_descriptors
 
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    system = {"role": "system", "content": system_message(pool_descriptors(config, read_meta(checkpoint)))}
+    # the server's own prompt building, without its engine, pool client or metrics
+    service = RouterService(None, AutoTokenizer.from_pretrained(checkpoint), config, None, None,
+                            pool_descriptors(config, read_meta(checkpoint)))
     work = []
     for body in bodies:
         budget = Budget.from_dict(body["budget"])
         spend = Spend(body["spent"]["usd"], body["spent"]["calls"])
-        allowed = allowed_tiers(config.pool, budget, spend, 0, config.max_tokens)
-        text = tokenizer.apply_chat_template([system, {"role": "user", "content": step_user_message(
-            step_view(body, spend, budget))}], add_generation_prompt=True, tokenize=False)
-        work.append((tokenizer(text, add_special_tokens=False)["input_ids"], route_regex(allowed)))
+        work.append((service.step_prompt(body, budget, spend), route_regex(service.step_allowed(body, budget, spend))))
     engine = RouterEngine(checkpoint, max_model_len=2048)
     try:
         await engine.generate(work[0][0], work[0][1], config.router_max_tokens)  # warm-up, as the server had
@@ -169,7 +160,7 @@ def main() -> None:
 
     from rlrouter.config import load_recipe
     from rlrouter.serve.config import serve_config_from_dict
-    from rlrouter.serve.local_pool import LocalPoolServer
+    from rlrouter.serve.local_pool import LocalPoolServer, free_port
 
     recipe = load_recipe(args.recipe)
     checkpoint, tmp = router_checkpoint(recipe, args.checkpoint)

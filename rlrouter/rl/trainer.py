@@ -38,6 +38,7 @@ from rlrouter.rl.loss import clipped_policy_loss, token_logprobs
 from rlrouter.rl.rewards import REWARD_KINDS, RewardSpec, TaskBoundary, episode_reward, reference_rewards
 from rlrouter.rl.rollout import (EpisodeSpec, HFEngine, Rollout, constraint_masks, play_episodes,
                                  training_sequences)
+from rlrouter.router.model import default_device
 
 ALGORITHMS = ("grpo", "bopo", "ppo")
 
@@ -244,8 +245,7 @@ class RLTrainer:
 
             model = get_peft_model(model, LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0,
                                                      target_modules="all-linear", task_type="CAUSAL_LM"))
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto"
-                                   else s.device)
+        self.device = torch.device(default_device() if s.device == "auto" else s.device)
         self.model = model.to(self.device)
         self.model.train()
         self.ref_model = copy.deepcopy(model).eval() if s.kl_coef else None

@@ -88,8 +88,9 @@ def read_meta(path: str | Path) -> dict:
 def load_checkpoint(path: str | Path, pool_names: list[str] | None = None, device: str | None = None):
     """(model, tokenizer, meta) from a checkpoint directory, in eval mode, on ``device``
     (default: CUDA when available, else CPU)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlrouter.router.model import default_device
 
     meta = read_meta(path)
     names = [t["name"] for t in meta["pool"]]
@@ -104,7 +105,7 @@ def load_checkpoint(path: str | Path, pool_names: list[str] | None = None, devic
         raise CheckpointError(f"checkpoint {path}: cannot be loaded ({err})") from None
     tokenizer.padding_side = "left"
     model.eval()
-    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), tokenizer, meta
+    return model.to(device or default_device()), tokenizer, meta
 
 
 def load_router(name_or_path: str):

@@ -120,3 +120,10 @@ def build_tiny_router(tokenizer, config: TinyRouterConfig | None = None, seed: i
 
 def config_dict(config: TinyRouterConfig) -> dict:
     return asdict(config)
+
+
+def default_device() -> str:
+    """``"cuda"`` when a GPU is available, else ``"cpu"``: where routers train and run by default."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

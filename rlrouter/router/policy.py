@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from envs.budget import Budget
 from rlrouter.evaluate.runner import EpisodeRecord, budget_violated, episode_seed
 from rlrouter.router.prompt import (ROUTE_CLOSE, ROUTE_OPEN, THINK_CLOSE, THINK_OPEN, RouteFormatError, parse_strict,
-                                    parse_tolerant)
+                                    parse_tolerant, prompt_token_ids)
 
 
 class RouteConstraint(LogitsProcessor):
@@ -57,6 +57,7 @@ class RouteConstraint(LogitsProcessor):
                           for row in allowed]
         self.route_bias = float(route_bias)
         self.think_banned = think_banned_ids(tokenizer)
+        self._banned_tensor: torch.Tensor | None = None  # think_banned on the scores' device, made on first use
 
     def allowed_next(self, row: int, generated: list[int]) -> list[int] | None:
         """Token ids allowed next for ``row``; None = think text (anything but
@@ -100,11 +101,12 @@ class RouteConstraint(LogitsProcessor):
             scores[torch.tensor(forced_rows, device=device)] = -float("inf")
             scores[rows, cols] = keep
             if bias_rows:
-                scores[torch.tensor(bias_rows, device=device), torch.tensor(bias_cols, device=device)] += self.route_bias
+                bias_at = (torch.tensor(bias_rows, device=device), torch.tensor(bias_cols, device=device))
+                scores[bias_at] += self.route_bias
         return scores
 
     def _banned_on(self, device) -> torch.Tensor:
-        if getattr(self, "_banned_tensor", None) is None or self._banned_tensor.device != torch.device(device):
+        if self._banned_tensor is None or self._banned_tensor.device != torch.device(device):
             self._banned_tensor = torch.tensor(self.think_banned, device=device)
         return self._banned_tensor
 
@@ -159,10 +161,9 @@ class RouterPolicy:
 
     def generate_turns(self, conversations: list[list[dict]], masks: list[np.ndarray]) -> list[Turn]:
         """One assistant turn per conversation, routes constrained to each row's mask."""
-        from rlrouter.rl.rollout import _prompt_ids
 
         allowed = [[self.pool_names[i] for i in np.flatnonzero(m)] or self.pool_names[:1] for m in masks]
-        generations = self.engine.generate([_prompt_ids(self.tokenizer, c) for c in conversations], allowed,
+        generations = self.engine.generate([prompt_token_ids(self.tokenizer, c) for c in conversations], allowed,
                                            sample=self.do_sample, temperature=self.temperature,
                                            constrain=self.constrain)
         turns = []

@@ -96,7 +96,15 @@ def parse_tolerant(text: str, tiers: list[str], fallback: str) -> ParsedRoute:
 def route_regex(allowed: list[str]) -> str:
     """The strict format over the allowed tiers, as a regex for vLLM's structured outputs."""
     tiers = "|".join(re.escape(t) for t in allowed)
-    return f"{re.escape(THINK_OPEN)}[^<]*{re.escape(THINK_CLOSE)}{re.escape(ROUTE_OPEN)}({tiers}){re.escape(ROUTE_CLOSE)}"
+    return (f"{re.escape(THINK_OPEN)}[^<]*{re.escape(THINK_CLOSE)}"
+            f"{re.escape(ROUTE_OPEN)}({tiers}){re.escape(ROUTE_CLOSE)}")
+
+
+def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a router conversation with the generation prompt appended (the chat
+    template rendered, then tokenized without adding special tokens a second time)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def format_route(tier: str, think: str) -> str:

@@ -42,7 +42,8 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  kind: str = "invalid_request_error", extra: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind, self.extra = status, message, param, code, kind, extra
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind, self.extra = kind, extra
 
 
 # -- request bodies ----------------------------------------------------------------------
@@ -161,8 +162,13 @@ def create_app(config: ServeConfig, service_factory) -> FastAPI:
 
     app.add_middleware(CountRequests, metrics=metrics)
 
+    def engine_status() -> str:
+        if "service" not in state:
+            return "starting"
+        return "ok" if state["service"].engine.healthy else "engine_down"
+
     def service() -> RouterService:
-        if "service" not in state or not state["service"].engine.healthy:
+        if engine_status() != "ok":
             raise APIError(503, "the router engine is not running", kind="server_error", code="engine_down")
         return state["service"]
 
@@ -188,9 +194,10 @@ def create_app(config: ServeConfig, service_factory) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if "service" not in state or not state["service"].engine.healthy:
-            return JSONResponse({"status": "starting" if "service" not in state else "engine_down"}, status_code=503)
-        return {"status": "ok", "model": config.served_model_name, "tiers": config.pool.names}
+        status = engine_status()
+        if status != "ok":
+            return JSONResponse({"status": status}, status_code=503)
+        return {"status": status, "model": config.served_model_name, "tiers": config.pool.names}
 
     @app.get("/metrics")
     async def prometheus():

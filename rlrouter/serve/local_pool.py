@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import hmac
 import os
+import socket
 import threading
 import time
 
@@ -92,21 +93,22 @@ def create_pool_app(api_key: str | None = None, delay_s: float = 0.0) -> FastAPI
     return app
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class LocalPoolServer:
     """Runs the app with uvicorn in a background thread on 127.0.0.1 (tests, benchmarks)."""
 
     def __init__(self, port: int = 0, api_key: str | None = None, delay_s: float = 0.0):
-        import socket
-
         import uvicorn
 
-        if port == 0:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-        self.port = port
+        self.port = port or free_port()
         self.app = create_pool_app(api_key, delay_s)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning",
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
                                                    timeout_graceful_shutdown=1))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

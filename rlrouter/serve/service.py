@@ -25,7 +25,7 @@ from typing import Any
 from envs.budget import Budget
 from envs.pool import Pool, Tier
 from rlrouter.router.prompt import (INFO_CLOSE, INFO_OPEN, RouteFormatError, parse_strict, parse_tolerant,
-                                    route_regex, step_user_message, system_message)
+                                    prompt_token_ids, route_regex, step_user_message, system_message)
 from rlrouter.serve.config import ServeConfig
 from rlrouter.serve.pool_client import PoolCallError, PoolClient, PoolReply
 
@@ -195,25 +195,28 @@ class RouterService:
         self.step_system = {"role": "system", "content": system_message(self.descriptors)}
         self.chat_system = {"role": "system", "content": chat_system_message(self.descriptors)}
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     # ---- step mode ----
-    async def route(self, request: dict, budget: Budget, spend: Spend) -> dict:
-        """The tier for the next step of an episode (no model is called)."""
+    def step_allowed(self, request: dict, budget: Budget, spend: Spend) -> list[str]:
+        """Tiers that can pay for the next call at the size the request states
+        (``next_call_tokens``; default input 0, output ``server.max_tokens``)."""
         tokens = request.get("next_call_tokens") or {}
         n_in = int(tokens.get("input", 0))
         n_out = int(tokens.get("output", self.config.max_tokens))
-        allowed = [t.name for t in self.pool.tiers
-                   if max_output_tokens(t, budget, spend, n_in, n_out) >= n_out]
+        return [t.name for t in self.pool.tiers if max_output_tokens(t, budget, spend, n_in, n_out) >= n_out]
+
+    def step_prompt(self, request: dict, budget: Budget, spend: Spend) -> list[int]:
+        """Token ids of the trained step prompt for the state the request describes."""
+        view = step_view(request, spend, budget)
+        return prompt_token_ids(self.tokenizer, [self.step_system, {"role": "user", "content": step_user_message(
+            view, cost_weight=request.get("cost_weight"))}])
+
+    async def route(self, request: dict, budget: Budget, spend: Spend) -> dict:
+        """The tier for the next step of an episode (no model is called)."""
+        allowed = self.step_allowed(request, budget, spend)
         if not allowed:
             return {"tier": None, "think": "", "allowed_tiers": [], "budget_exhausted": True, "malformed": False,
                     "usage": {"prompt_tokens": 0, "completion_tokens": 0}}
-        view = step_view(request, spend, budget)
-        messages = [self.step_system, {"role": "user", "content": step_user_message(
-            view, cost_weight=request.get("cost_weight"))}]
-        ids = self.prompt_ids(messages)
+        ids = self.step_prompt(request, budget, spend)
         if len(ids) + self.config.router_max_tokens > self.engine.max_model_len:
             raise RequestTooLong(f"the step prompt is {len(ids)} router tokens; with router_max_tokens "
                                  f"{self.config.router_max_tokens} it does not fit the router's context of "
@@ -244,8 +247,8 @@ class RouterService:
         overhead = self.config.input_overhead_tokens
         spend = Spend()
         # worst-case input of any call this request can make: the conversation, or a sub-query
-        input_bound = max(input_token_bound(messages, overhead),
-                          input_token_bound([{"content": "x" * 4 * QUERY_CHARS}], overhead))
+        # (one message of at most QUERY_CHARS characters, 4 UTF-8 bytes each)
+        input_bound = max(input_token_bound(messages, overhead), 4 * QUERY_CHARS + 2 * overhead)
         if not allowed_tiers(self.pool, budget, spend, input_bound, max_tokens) and self.config.min_routes > 0:
             self.metrics.budget_rejections.inc()
             cheapest = self.pool.cheapest.cost_usd(input_bound, min(MIN_OUTPUT_TOKENS, max_tokens))
@@ -264,7 +267,7 @@ class RouterService:
             if not allowed and last is None:
                 stopped = "budget"
                 break
-            ids = self.prompt_ids(router_messages)
+            ids = prompt_token_ids(self.tokenizer, router_messages)
             if len(ids) + self.config.router_max_tokens > self.engine.max_model_len:
                 if turn == 0:
                     raise RequestTooLong(

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from rlrouter.router.model import default_device
+
 
 @dataclass
 class SFTSettings:
@@ -100,7 +102,7 @@ def run_sft(model, tokenizer, dataset, settings: SFTSettings, out_dir: str | Pat
         report_to=_report_to(),
         seed=seed,
         data_seed=seed,
-        use_cpu=not _cuda(),
+        use_cpu=default_device() == "cpu",
         disable_tqdm=not progress,
         dataloader_num_workers=0,
     )
@@ -130,8 +132,3 @@ def run_sft(model, tokenizer, dataset, settings: SFTSettings, out_dir: str | Pat
     path = save_checkpoint(trained, tokenizer, out_dir, meta, extra_dirs={"trainer_state": last[-1] if last else None})
     return path
 
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
