@@ -57,7 +57,8 @@ def _rl(args) -> int:
     from rlrouter.pipeline import run_rl_stage
 
     recipe = load_recipe(args.recipe)
-    path = run_rl_stage(recipe, init=args.init, out_dir=args.out, resume=args.resume, progress=not args.quiet)
+    path = run_rl_stage(recipe, init=args.init, out_dir=args.out, resume=args.resume, progress=not args.quiet,
+                        use_ray=args.ray or bool(args.address), address=args.address)
     _print_rl_summary(path)
     return 0
 
@@ -100,7 +101,8 @@ def _train(args) -> int:
             print(f"checkpoint: {checkpoint}", flush=True)
         elif stage == "rl":
             resume = args.resume and (recipe.rl_dir() / "trainer_state" / "state.json").is_file()
-            checkpoint = run_rl_stage(recipe, init=checkpoint, resume=resume, progress=not args.quiet)
+            checkpoint = run_rl_stage(recipe, init=checkpoint, resume=resume, progress=not args.quiet,
+                                      use_ray=args.ray or bool(args.address), address=args.address)
             trained[recipe.rl.algorithm] = checkpoint
             _print_rl_summary(Path(checkpoint))
         elif stage == "eval":
@@ -179,6 +181,12 @@ def _serve(args) -> int:
     return 0
 
 
+def _ray_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", action="store_true",
+                   help="RL stage on Ray: rollout actors + Ray Train learner (starts a local cluster if none)")
+    p.add_argument("--address", help="join this Ray cluster (e.g. 127.0.0.1:6379); implies --ray")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlrouter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="checkpoint to start from (default: rl.init or the SFT checkpoint)")
     p.add_argument("--out", help="checkpoint folder (default: rl.out_dir or runs/<name>/rl)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint's trainer_state")
+    _ray_arguments(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_rl)
 
@@ -221,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("--resume", action="store_true",
                    help="keep finished stages' outputs and continue RL from its last checkpoint")
+    _ray_arguments(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_train)
 

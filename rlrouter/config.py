@@ -160,6 +160,50 @@ class RouterSection:
 
 
 @dataclass
+class RaySection:
+    """Resources of the RL stage when it runs on Ray (``rlrouter train <recipe> --ray``).
+
+    How many rollout workers there are is ``rl.rollout_workers`` (it fixes the episode
+    shards, so it is part of the training run, not of the placement).
+
+    Attributes:
+        rollout_cpus: CPUs reserved per rollout actor (fractions allowed: executor-bound
+            workers mostly wait).
+        learner_workers: Ray Train workers of the learner (data-parallel, gradients summed).
+        learner_cpus / learner_gpus: resources per learner worker (``learner_gpus > 0``:
+            the learner trains on CUDA).
+        max_rollout_restarts: times a dead rollout actor is restarted (its shard is played
+            again each time) before the iteration fails.
+        max_learner_failures: times Ray Train restarts a crashed learner, which resumes from
+            the last checkpoint it reported.
+        storage_path: where Ray Train keeps reported checkpoints (a shared filesystem or
+            ``s3://`` URI on a multi-node cluster; default ``<rl dir>/../ray``).
+        num_cpus: CPUs of the local cluster ``--ray`` starts when there is none (default:
+            all of this machine's).
+    """
+
+    rollout_cpus: float = 1.0
+    learner_workers: int = 1
+    learner_cpus: float = 1.0
+    learner_gpus: float = 0.0
+    max_rollout_restarts: int = 3
+    max_learner_failures: int = 1
+    storage_path: str | None = None
+    num_cpus: int | None = None
+
+    def __post_init__(self):
+        for name in ("rollout_cpus", "learner_cpus", "learner_gpus"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"ray.{name} must be a number >= 0, got {value!r}")
+        for name in ("learner_workers", "max_rollout_restarts", "max_learner_failures"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (1 if name == "learner_workers" else 0):
+                raise ValueError(f"ray.{name} must be an integer >= {1 if name == 'learner_workers' else 0}, "
+                                 f"got {value!r}")
+
+
+@dataclass
 class Recipe:
     name: str
     seed: int
@@ -172,6 +216,7 @@ class Recipe:
     router: RouterSection = field(default_factory=RouterSection)
     sft: "SFTSettings" = None
     rl: "RLSettings" = None
+    ray: RaySection = field(default_factory=RaySection)
     path: Path | None = None
 
     def synth_budgets(self) -> list[Budget]:
@@ -238,7 +283,7 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
     where = str(path or "recipe")
     if not isinstance(data, Mapping):
         raise RecipeError(f"{where}: the recipe must be a mapping of sections")
-    known = {"name", "seed", "stages", "world", "pool", "env", "eval", "synth", "router", "sft", "rl"}
+    known = {"name", "seed", "stages", "world", "pool", "env", "eval", "synth", "router", "sft", "rl", "ray"}
     unknown = set(data) - known
     if unknown:
         raise RecipeError(f"{where}: unknown section(s) {sorted(unknown)}; allowed: {sorted(known)}")
@@ -281,6 +326,7 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
     router = _section(RouterSection, data.get("router"), f"{where}: router")
     sft = _section(SFTSettings, data.get("sft"), f"{where}: sft")
     rl = _section(RLSettings, data.get("rl"), f"{where}: rl")
+    ray = _section(RaySection, data.get("ray"), f"{where}: ray")
     if router.prompt_mode not in ("step", "episode"):
         raise RecipeError(f"{where}: router.prompt_mode must be 'step' or 'episode', got {router.prompt_mode!r}")
     if router.base == "tiny":
@@ -288,7 +334,7 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
             router.tiny_config()
         except ValueError as err:
             raise RecipeError(f"{where}: {err}") from None
-    recipe = Recipe(name, seed, list(stages), world, pool, env, evaluation, synth, router, sft, rl, path)
+    recipe = Recipe(name, seed, list(stages), world, pool, env, evaluation, synth, router, sft, rl, ray, path)
     for field_name, budgets in (("eval.budgets", recipe.budgets()), ("synth.budgets", recipe.synth_budgets()),
                                 ("rl.budgets", parse_budgets(rl.budgets, where=f"{where}: rl.budgets"))):
         for budget in budgets:

@@ -75,32 +75,51 @@ def run_sft_stage(recipe: Recipe, synth_dir: str | Path | None = None, out_dir: 
 
 
 def run_rl_stage(recipe: Recipe, init: str | Path | None = None, out_dir: str | Path | None = None,
-                 resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Path:
+                 resume: bool = False, progress: bool = True, stop_after: int | None = None,
+                 use_ray: bool = False, address: str | None = None) -> Path:
     """RL from the SFT checkpoint (or ``rl.init`` / ``init``) -> ``<rl dir>`` checkpoint.
 
     ``resume`` continues from ``out_dir``'s ``trainer_state/`` (same metrics as an
     uninterrupted run); ``stop_after`` ends after that many iterations (tests, debugging).
+    ``use_ray`` runs the rollouts on Ray actors and the learner under Ray Train
+    (``rlrouter.distributed``), joining the cluster at ``address`` or starting a local one.
     """
+    out_dir = Path(out_dir) if out_dir else recipe.rl_dir()
+    init = Path(init or recipe.rl.init or recipe.sft_dir())
+    if resume and not (out_dir / "trainer_state" / "state.json").is_file():
+        raise FileNotFoundError(f"cannot resume: {out_dir}/trainer_state/state.json not found")
+    if use_ray:
+        from rlrouter.distributed import run_rl_on_ray
+
+        return run_rl_on_ray(recipe, init, out_dir, resume=resume, progress=progress, address=address)
+    trainer = build_rl_trainer(recipe, init, out_dir, resume=resume)
+    if progress:
+        print(f"rl: {recipe.rl.algorithm} on {trainer.device}, {recipe.rl.engine} rollouts", flush=True)
+    return trainer.train(progress=progress, stop_after=stop_after)
+
+
+def build_rl_trainer(recipe: Recipe, init: Path, out_dir: Path, resume: bool = False,
+                     state_dir: Path | None = None, synth_dir: Path | None = None):
+    """The ``RLTrainer`` of a recipe, on the in-process engine. ``resume`` restores model,
+    optimizer and history from ``state_dir`` (default ``out_dir``): a checkpoint with
+    ``trainer_state/``. The Ray learner builds its trainer here too."""
     from rlrouter.rl.trainer import RLTrainer, load_boundaries
     from rlrouter.router.checkpoint import load_checkpoint
 
     cfg = recipe.rl
-    out_dir = Path(out_dir) if out_dir else recipe.rl_dir()
-    init = Path(init or cfg.init or recipe.sft_dir())
-    start_from = out_dir if resume else init
-    if resume and not (out_dir / "trainer_state" / "state.json").is_file():
-        raise FileNotFoundError(f"cannot resume: {out_dir}/trainer_state/state.json not found")
+    state_dir = Path(state_dir or out_dir)
+    start_from = state_dir if resume else init
     model, tokenizer, ckpt_meta = load_checkpoint(init if (resume and cfg.lora) else start_from, recipe.pool.names)
     if resume and cfg.lora:  # the checkpoint is merged; training continues on the adapter over the init weights
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(out_dir / "trainer_state" / "adapter"), is_trainable=True)
+        model = PeftModel.from_pretrained(model, str(state_dir / "trainer_state" / "adapter"), is_trainable=True)
     env = recipe.make_env(cfg.split)
     if cfg.tasks > len(env.task_ids):
         raise ValueError(f"rl.tasks = {cfg.tasks}, but split {cfg.split!r} has only {len(env.task_ids)} tasks")
     world = env.world
     eval_env = recipe.make_env(recipe.eval.split, world=world)
-    boundaries = load_boundaries(recipe.synth_dir() / "boundary.json")
+    boundaries = load_boundaries(Path(synth_dir or recipe.synth_dir()) / "boundary.json")
     prompt_mode = ckpt_meta.get("router", {}).get("prompt_mode", recipe.router.prompt_mode)
     meta = {key: ckpt_meta[key] for key in ("pool", "budgets", "router", "training") if key in ckpt_meta}
     meta["training"] = {**meta.get("training", {}), "rl_init": str(init)}
@@ -115,8 +134,6 @@ def run_rl_stage(recipe: Recipe, init: str | Path | None = None, out_dir: str | 
                         eval_make_env=lambda: recipe.make_env(recipe.eval.split, world=world),
                         eval_task_ids=eval_env.task_ids, engine=engine)
     meta["training"]["rl_device"] = str(trainer.device)  # the trainer keeps this dict and saves it
-    if progress:
-        print(f"rl: {cfg.algorithm} on {trainer.device}, {cfg.engine} rollouts", flush=True)
     if resume:
-        trainer.load_state(out_dir)
-    return trainer.train(progress=progress, stop_after=stop_after)
+        trainer.load_state(state_dir)
+    return trainer

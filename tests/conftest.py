@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -12,6 +14,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from envs.worlds.replay import default_routellm_dir  # noqa: E402
+
+# The session's Ray cluster (``ray_cluster``) uses Ray's token authentication with a token of
+# this session, so a token left in ~/.ray by another cluster cannot lock the clients out. Set
+# before anything imports Ray (it reads them once); child processes inherit them.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 ROUTELLM_DIR = default_routellm_dir()
 
@@ -53,3 +61,33 @@ def trained(tmp_path_factory):
     run_synth(recipe, progress=False)
     checkpoint = run_sft_stage(recipe, progress=False)
     return recipe, checkpoint
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray head node per session, started as a user starts one (``ray start
+    --head``) on 127.0.0.1 with 2 CPUs; this process joins it. Yields its GCS address and
+    the dashboard URL that ``ray job submit`` talks to."""
+    import os
+    import subprocess
+
+    import ray
+
+    from rlrouter.serve.local_pool import free_port
+
+    gcs_port, dashboard_port = free_port(), free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
+    started = subprocess.run([*ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+                              "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                              f"--dashboard-port={dashboard_port}", "--disable-usage-stats"],
+                             capture_output=True, text=True, env=env, timeout=300)
+    if started.returncode != 0:
+        raise RuntimeError(f"ray start --head failed:\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}")
+    address = f"127.0.0.1:{gcs_port}"
+    ray.init(address=address)
+    try:
+        yield {"gcs": address, "dashboard": f"http://127.0.0.1:{dashboard_port}"}
+    finally:
+        ray.shutdown()
+        subprocess.run([*ray_cli, "stop", "--force"], capture_output=True, timeout=120)

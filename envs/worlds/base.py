@@ -12,7 +12,11 @@ inside the state and are used only by the executors and the world's rules.
 from __future__ import annotations
 
 import copy
+import json
+import os
 import string
+import urllib.error
+import urllib.request
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -118,3 +122,35 @@ class World(ABC):
         config = dict(defaults.get(tier.name, {}))
         config.update(tier.executor or {})
         return config
+
+
+class EndpointRoundTrip:
+    """One real HTTP call per executor step to an OpenAI-compatible ``/chat/completions``
+    endpoint, made by a *simulated* executor whose outcome stays simulated: it gives the
+    episode the latency (and the endpoint the load) of a real executor. Set per tier with
+    ``executor: {kind: simulated, ..., endpoint: http://127.0.0.1:8001/v1, model: m}``;
+    the benchmarks use it with ``rlrouter.serve.local_pool`` and a fixed delay."""
+
+    def __init__(self, tier: str, endpoint: str, model: str | None = None, api_key_env: str | None = None,
+                 timeout_s: float = 30.0):
+        if not str(endpoint).startswith(("http://", "https://")):
+            raise ValueError(f"pool tier {tier!r}: executor.endpoint must be an http(s) URL, got {endpoint!r}")
+        self.tier = tier
+        self.url = str(endpoint).rstrip("/") + "/chat/completions"
+        self.model = model or tier
+        self.api_key_env = api_key_env
+        self.timeout_s = float(timeout_s)
+
+    def __call__(self, prompt: str, max_tokens: int) -> None:
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                           "max_tokens": int(max_tokens)}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key_env and os.environ.get(self.api_key_env):
+            headers["Authorization"] = f"Bearer {os.environ[self.api_key_env]}"
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
+                reply.read()
+        except (urllib.error.URLError, OSError) as err:
+            raise RuntimeError(f"pool tier {self.tier!r}: executor endpoint {self.url} failed ({err}); "
+                               "is the server running?") from None

@@ -34,7 +34,7 @@ import numpy as np
 
 from envs.pool import Pool, Tier
 from envs.tokens import count_tokens
-from envs.worlds.base import RouterView, StepResult, World, config_from_dict
+from envs.worlds.base import EndpointRoundTrip, RouterView, StepResult, World, config_from_dict
 
 THEMES = [
     ("Data pipeline", ["the sensor log", "the ingestion job", "the nightly export", "the event stream"]),
@@ -157,6 +157,7 @@ class SyntheticWorld(World):
         super().__init__(pool)
         self.config = config or SyntheticConfig()
         self.executors = {}
+        self.round_trips: dict[str, EndpointRoundTrip] = {}
         for tier in pool.tiers:
             spec = self.executor_config(tier, DEFAULT_EXECUTORS)
             if spec.get("kind", "simulated") != "simulated" or "skill" not in spec:
@@ -165,6 +166,9 @@ class SyntheticWorld(World):
                     "executor: {kind: simulated, skill: 0.7, output_tokens_mean: 150}"
                 )
             self.executors[tier.name] = (float(spec["skill"]), float(spec.get("output_tokens_mean", 150)))
+            if spec.get("endpoint"):  # simulated outcome, real network round trip per step
+                self.round_trips[tier.name] = EndpointRoundTrip(tier.name, spec["endpoint"], spec.get("model"),
+                                                                spec.get("api_key_env"))
         self._tasks: dict[str, SyntheticTask] = {}
 
     # -- tasks -----------------------------------------------------------------------
@@ -245,6 +249,8 @@ class SyntheticWorld(World):
         _, out_mean = self.executors[tier.name]
         token_rng = self._rng(state, 2, self.pool.index(tier.name))
         output_tokens = int(np.clip(round(out_mean * token_rng.lognormal(0.0, 0.35)), 16, c.max_output_tokens))
+        if tier.name in self.round_trips:
+            self.round_trips[tier.name](task.step_texts[state.position], output_tokens)
 
         # Common random numbers: one uniform per (position, attempt), shared by all tiers.
         u_correct, u_fate = self._rng(state, 1).random(2)

@@ -34,6 +34,7 @@ updates at lr 2e-3).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -234,8 +235,11 @@ def feedback_ids(tokenizer, feedback: str, turn_ended: bool) -> list[int]:
 
 def play_episodes(engine, make_env: Callable[[], RoutingEnv], specs: list[EpisodeSpec], prompt_mode: str = "step",
                   sample: bool = False, temperature: float = 1.0, logprobs: bool = False, constrain: bool = True,
-                  progress: bool = False, desc: str = "episodes") -> list[Rollout]:
-    """Play all ``specs`` in lockstep: one ``engine.generate`` call per step for every live episode."""
+                  progress: bool = False, desc: str = "episodes", timings: dict | None = None) -> list[Rollout]:
+    """Play all ``specs`` in lockstep: one ``engine.generate`` call per step for every live episode.
+
+    ``timings``, when given, accumulates ``generate_s`` (engine) and ``env_s`` (environment
+    steps, i.e. the executors) in seconds."""
     if prompt_mode not in ("step", "episode"):
         raise ValueError(f"prompt_mode must be 'step' or 'episode', got {prompt_mode!r}")
     tok = engine.tokenizer
@@ -258,9 +262,11 @@ def play_episodes(engine, make_env: Callable[[], RoutingEnv], specs: list[Episod
         else:
             prompts = [contexts[i] for i in live]
         allowed = [[tiers[a] for a in np.flatnonzero(infos[i]["action_mask"])] or tiers[:1] for i in live]
+        started = time.perf_counter()
         generations = engine.generate(prompts, allowed, sample=sample, temperature=temperature, logprobs=logprobs,
                                       constrain=constrain)
-        still = []
+        generated = time.perf_counter()
+        still, env_s = [], 0.0
         for i, prompt, gen, row_allowed in zip(live, prompts, generations, allowed):
             text = tok.decode(gen.ids, skip_special_tokens=True)
             try:
@@ -273,7 +279,9 @@ def play_episodes(engine, make_env: Callable[[], RoutingEnv], specs: list[Episod
             action = tiers.index(tier)
             if mask.any() and not mask[action]:  # only possible with constrain=False
                 action = nearest_allowed(action, mask)
+            env_start = time.perf_counter()
             _, _, terminated, truncated, infos[i] = envs[i].step(action)
+            env_s += time.perf_counter() - env_start
             if terminated or truncated:
                 rollouts[i].info = infos[i]
                 bar.update(1)
@@ -283,6 +291,9 @@ def play_episodes(engine, make_env: Callable[[], RoutingEnv], specs: list[Episod
                 contexts[i] = prompt + gen.ids + feedback_ids(tok, feedback_user_message(envs[i].view()), ended)
             still.append(i)
         live = still
+        if timings is not None:
+            timings["generate_s"] = timings.get("generate_s", 0.0) + generated - started
+            timings["env_s"] = timings.get("env_s", 0.0) + env_s
     bar.close()
     return rollouts
 

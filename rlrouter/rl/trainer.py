@@ -38,6 +38,7 @@ from rlrouter.rl.loss import clipped_policy_loss, token_logprobs
 from rlrouter.rl.rewards import REWARD_KINDS, RewardSpec, TaskBoundary, episode_reward, reference_rewards
 from rlrouter.rl.rollout import (EpisodeSpec, HFEngine, Rollout, constraint_masks, play_episodes,
                                  training_sequences)
+from rlrouter.rl.workers import LocalRollouts, RolloutWorker
 from rlrouter.router.model import default_device
 
 ALGORITHMS = ("grpo", "bopo", "ppo")
@@ -90,6 +91,9 @@ class RLSettings:
             conditions the route, but gets no gradient).
         device: where the policy trains and generates: ``auto`` (CUDA when available, else
             CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        rollout_workers: shards an iteration's episodes are cut into, each played as one
+            batch with its own seed (``workers.py``); in process they run one after another,
+            with ``--ray`` on that many Ray actors at once. Same value, same episodes.
     """
 
     algorithm: str = "bopo"
@@ -133,6 +137,7 @@ class RLSettings:
     out_dir: str | None = None
     loss_tokens: str = "all"
     device: str = "auto"
+    rollout_workers: int = 1
 
     def __post_init__(self):
         if self.loss_tokens not in ("all", "route"):
@@ -152,7 +157,8 @@ class RLSettings:
             raise ValueError(f"rl.cost_lambda must be a number or [low, high] with 0 <= low <= high, got {self.cost_lambda}")
         if self.group_size < 2:
             raise ValueError(f"rl.group_size must be >= 2 (advantages compare rollouts of a task), got {self.group_size}")
-        for name in ("iterations", "tasks_per_iteration", "epochs", "minibatches", "micro_batch_size", "save_every"):
+        for name in ("iterations", "tasks_per_iteration", "epochs", "minibatches", "micro_batch_size", "save_every",
+                     "rollout_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -207,6 +213,13 @@ class ValueHead(torch.nn.Module):
         return self.linear(hidden).squeeze(-1)
 
 
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of this learner: (0, 1) unless torch.distributed is set up (Ray Train)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def _seed_everything(seed: int, iteration: int) -> np.random.Generator:
     torch.manual_seed(seed * 1_000_003 + iteration)
     return np.random.default_rng([seed, iteration])
@@ -218,7 +231,8 @@ class RLTrainer:
     def __init__(self, model, tokenizer, settings: RLSettings, make_env: Callable, task_ids: list[str],
                  boundaries: dict[str, TaskBoundary], tiers: list[str], out_dir: str | Path, meta: dict,
                  seed: int = 0, prompt_mode: str = "step", max_new_tokens: int = 32,
-                 eval_make_env: Callable | None = None, eval_task_ids: list[str] | None = None, engine=None):
+                 eval_make_env: Callable | None = None, eval_task_ids: list[str] | None = None, engine=None,
+                 rollouts=None):
         from rlrouter.config import parse_budgets
 
         self.settings = s = settings
@@ -257,6 +271,10 @@ class RLTrainer:
             groups.append({"params": list(self.value_head.parameters()), "lr": s.value_learning_rate})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         self.engine = engine or HFEngine(self.model, tokenizer, self.tiers, max_new_tokens)
+        # who plays the episodes: shards on this process's engine, or Ray actors (rlrouter.distributed)
+        self.rollouts = rollouts or LocalRollouts(RolloutWorker(self.engine, make_env, prompt_mode), s.rollout_workers)
+        self.rank, self.world_size = distributed_rank()
+        self.on_iteration: Callable[[dict, Path | None], None] | None = None  # called after each iteration
         self.iteration = 0
         self.history: list[dict] = []
         self.min_shared_prefix = 16  # shorter shared prefixes are not worth a separate forward
@@ -436,7 +454,8 @@ class RLTrainer:
                 n_tokens = float(sum(batch.loss_mask[j].sum() for j in minibatch)) or 1.0
                 n_values = float(sum(len(batch.value_positions[j]) for j in minibatch)) or 1.0
                 self.optimizer.zero_grad(set_to_none=True)
-                for start in range(0, len(minibatch), s.micro_batch_size):
+                starts = list(range(0, len(minibatch), s.micro_batch_size))
+                for start in starts[self.rank::self.world_size]:  # learners share the micro-batches (DDP)
                     micro = minibatch[start:start + s.micro_batch_size]
                     ids = [batch.input_ids[j] for j in micro]
                     keep = self._keep([batch.loss_mask[j] for j in micro])
@@ -470,15 +489,22 @@ class RLTrainer:
                         sums[key] += value
                     tokens_seen += float(mask.sum())
                 params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                if self.world_size > 1:
+                    _all_reduce_gradients(params)
                 grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)))
                 self.optimizer.step()
+        if self.world_size > 1:  # statistics over every learner's micro-batches
+            totals = torch.tensor([*sums.values(), tokens_seen], dtype=torch.float64)
+            torch.distributed.all_reduce(totals)
+            sums = dict(zip(sums, totals[:-1].tolist()))
+            tokens_seen = float(totals[-1])
         out = {key: value / max(tokens_seen, 1.0) for key, value in sums.items() if key != "value_loss"}
         if self.value_head is not None:
             out["value_loss"] = sums["value_loss"] / max(sum(len(p) for p in batch.value_positions) * s.epochs, 1)
         if self.ref_model is None:
             out.pop("kl_ref")
         out["grad_norm"] = float(np.mean(grad_norms))
-        out["logprob_gap"] = float(np.mean(logprob_gap))  # engine vs trainer log-probs before the update
+        out["logprob_gap"] = float(np.mean(logprob_gap)) if logprob_gap else 0.0  # engine vs trainer, before the update
         return out
 
     # -- one iteration --------------------------------------------------------------------
@@ -488,9 +514,12 @@ class RLTrainer:
         groups = self.sample_groups(rng)
         specs = [spec for group in groups for spec, _ in group]
         start = time.perf_counter()
-        flat = play_episodes(self.engine, self.make_env, specs, self.prompt_mode, sample=True,
-                             temperature=s.temperature, logprobs=True, progress=progress,
-                             desc=f"rl iteration {self.iteration + 1} rollouts")
+        if self.rank == 0:
+            flat, worker_stats = self.rollouts.play(specs, self.seed, self.iteration, s.temperature)
+        if self.world_size > 1:  # every learner trains on the episodes rank 0 collected
+            shared = [flat, worker_stats] if self.rank == 0 else [None, None]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            flat, worker_stats = shared
         rollout_s = time.perf_counter() - start
         played = [flat[g * s.group_size:(g + 1) * s.group_size] for g in range(len(groups))]
         rewards, advantages = self.score(groups, played)
@@ -516,9 +545,8 @@ class RLTrainer:
             batch.old_values = [[values[i][k] for k, _ in pos] for i, pos in zip(batch.owner, batch.value_positions)]
         batch.set_advantages(flat_adv)
         metrics.update(self.update(batch, rng))
-        if s.engine == "vllm" and hasattr(self.engine, "load_weights"):
-            self.engine.load_weights(self._merged_model())
         update_s = time.perf_counter() - start
+        sync_s = self.rollouts.sync(self._merged_model()) if self.rank == 0 else 0.0
         self.iteration += 1
         generated = sum(len(t.completion_ids) for ro in flat for t in ro.turns)
         turns = sum(len(ro.turns) for ro in flat)
@@ -540,6 +568,8 @@ class RLTrainer:
             "tokens_per_s": generated / rollout_s,
             "rollout_s": rollout_s,
             "update_s": update_s,
+            "weight_sync_s": sync_s,
+            **worker_stats,
         }
         if s.eval_every and self.eval_make_env and self.iteration % s.eval_every == 0:
             metrics.update(self.evaluate())
@@ -564,25 +594,37 @@ class RLTrainer:
     def train(self, progress: bool = True, metrics_path: str | Path | None = None,
               stop_after: int | None = None) -> Path:
         s = self.settings
-        metrics_path = Path(metrics_path or self.out_dir.with_name(self.out_dir.name + "-metrics.jsonl"))
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, self.iteration)
-        writer = _tensorboard(metrics_path.with_suffix(""))
-        bar = tqdm(total=s.iterations, initial=self.iteration, desc=f"rl ({s.algorithm})", disable=not progress)
+        lead = self.rank == 0  # only the first learner writes logs and checkpoints
+        metrics_path = self.metrics_path(metrics_path)
+        writer = None
+        if lead:
+            metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            _truncate_metrics(metrics_path, self.iteration)
+            writer = _tensorboard(metrics_path.with_suffix(""))
+        bar = tqdm(total=s.iterations, initial=self.iteration, desc=f"rl ({s.algorithm})",
+                   disable=not (progress and lead))
         while self.iteration < s.iterations and (stop_after is None or self.iteration < stop_after):
             metrics = self.iterate()
-            with metrics_path.open("a") as handle:
-                handle.write(json.dumps(metrics) + "\n")
-            if writer is not None:
-                for key, value in metrics.items():
-                    writer.add_scalar(f"rl/{key}", value, self.iteration)
+            saved = None
+            if lead:
+                with metrics_path.open("a") as handle:
+                    handle.write(json.dumps(metrics) + "\n")
+                if writer is not None:
+                    for key, value in metrics.items():
+                        writer.add_scalar(f"rl/{key}", value, self.iteration)
+                if self.iteration % s.save_every == 0 or self.iteration == s.iterations:
+                    saved = self.save()
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", success=f"{metrics['success']:.2f}",
                             large=f"{metrics['large_fraction']:.2f}")
             bar.update(1)
-            if self.iteration % s.save_every == 0 or self.iteration == s.iterations:
-                self.save()
+            if self.on_iteration is not None:
+                self.on_iteration(metrics, saved)
         bar.close()
         return self.out_dir
+
+    def metrics_path(self, path: str | Path | None = None) -> Path:
+        """The JSONL log: ``<out_dir>-metrics.jsonl`` unless given."""
+        return Path(path or self.out_dir.with_name(self.out_dir.name + "-metrics.jsonl"))
 
     def _merged_model(self):
         if not self.settings.lora:
@@ -620,6 +662,15 @@ class RLTrainer:
         if self.value_head is not None:
             self.value_head.load_state_dict(torch.load(state / "value_head.pt", weights_only=True,
                                                        map_location=self.device))
+
+
+def _all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum every learner's gradients (each learner's loss is already normalized by the
+    whole minibatch's token count, so the sum is the full minibatch's gradient)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:

@@ -1,0 +1,261 @@
+"""The RL stage on a Ray cluster: rollout actors, and the learner placed by Ray Train.
+
+``rlrouter train <recipe> --ray`` (or ``rlrouter rl ... --ray``) runs the RL stage as:
+
+- a Ray Train ``TorchTrainer`` with ``ray.learner_workers`` workers. Each runs the same
+  ``RLTrainer`` as an in-process run (``pipeline.build_rl_trainer``); Ray only places it.
+  With more than one learner, the first plays the iteration's episodes and broadcasts
+  them, every learner takes its share of the micro-batches, and gradients are summed
+  across learners before each optimizer step (``RLTrainer.update``), so the update is the
+  one a single learner would make. Checkpoints are reported to Ray Train; a crashed
+  learner is restarted (``ray.max_learner_failures``) and resumes from the last one.
+- ``rl.rollout_workers`` rollout actors (``RolloutActor``), each holding a replica of the
+  policy (built from the model config and tokenizer, weights sent through the object store
+  after every update) and its own environments. Each plays one shard of the iteration
+  (``rl/workers.py``) as one batch, so an actor's environment steps never hold up another
+  actor's generation. A dead actor is restarted by Ray (``ray.max_rollout_restarts``) and
+  its shard is played again from the start with the same seed: nothing is counted twice
+  (a shard's episodes are only taken from a call that finished) and nothing is lost.
+
+Why replicas rather than one batched generator on the controller: the router is small and
+its turns are short, so a replica costs little memory and a weight broadcast per update,
+while a central generator would put a round trip per router turn between every
+environment step and the next token, and would serialize workers on the slowest one.
+
+Synthesis, SFT and evaluation run in the driver process as in a local run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from rlrouter.rl.rollout import EpisodeSpec, Rollout
+from rlrouter.rl.workers import RolloutWorker, ShardResult, collect, shard_seed, shard_specs
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster at ``address`` (or ``$RAY_ADDRESS``, as inside ``ray job submit``),
+    or start a local one when there is none."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:  # a local cluster: its workers import rlrouter from this checkout, installed or not
+        root = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": {"PYTHONPATH": path}})
+
+
+class RolloutActorImpl:
+    """The body of a rollout actor (``RolloutActor`` is this class as a Ray actor)."""
+
+    def __init__(self, recipe, config, tokenizer, prompt_mode: str, split: str, name: str, threads: int = 1):
+        from transformers import AutoModelForCausalLM
+
+        from rlrouter.rl.rollout import HFEngine
+
+        torch.set_num_threads(max(1, threads))
+        model = AutoModelForCausalLM.from_config(config).eval()
+        world = recipe.build_world()
+        engine = HFEngine(model, tokenizer, recipe.pool.names, recipe.router.max_new_tokens)
+        self.worker = RolloutWorker(engine, lambda: recipe.make_env(split, world=world), prompt_mode, name)
+        self.version = -1
+
+    def play(self, shard: int, specs: list[EpisodeSpec], torch_seed: int, temperature: float, weights: list,
+             version: int) -> ShardResult:
+        if version != self.version:  # new policy weights (or a restarted actor): load them once
+            import ray
+
+            self.worker.engine.model.load_state_dict(ray.get(weights[0]))
+            self.version = version
+        return self.worker.play(shard, specs, torch_seed, temperature)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayRollouts:
+    """``rl.rollout_workers`` actors playing one shard each; see the module docstring."""
+
+    def __init__(self, recipe, model, tokenizer, prompt_mode: str, split: str, workers: int,
+                 cpus_per_worker: float = 1.0, max_restarts: int = 3):
+        import ray
+
+        actor = ray.remote(RolloutActorImpl)
+        threads = max(1, int(cpus_per_worker))
+        self.actors = [actor.options(num_cpus=cpus_per_worker, max_restarts=max_restarts, max_task_retries=0,
+                                     name=None).remote(recipe, model.config, tokenizer, prompt_mode, split,
+                                                       f"rollout-{k}", threads)
+                       for k in range(workers)]
+        self.max_restarts = max_restarts
+        self.restart_timeout_s = 300.0
+        self.version = -1
+        self.weights = None
+        self.restarts_total = 0
+        self.sync(model)
+
+    def sync(self, model) -> float:
+        """Put the policy's current weights in the object store; actors load them on their next shard."""
+        import ray
+
+        start = time.perf_counter()
+        state = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}
+        self.weights = [ray.put(state)]  # in a list so actors fetch it only when the version changed
+        self.version += 1
+        return time.perf_counter() - start
+
+    def play(self, specs: list[EpisodeSpec], seed: int, iteration: int,
+             temperature: float) -> tuple[list[Rollout], dict]:
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        shards = shard_specs(specs, len(self.actors))
+        handed_out, restarts, pending, results = {}, [0] * len(shards), {}, []
+        restarting = [0.0] * len(shards)  # since when worker k is known to be restarting (0: it is not)
+
+        def submit(k: int) -> None:
+            handed_out[k] = time.time()
+            ref = self.actors[k].play.remote(k, shards[k], shard_seed(seed, iteration, k), temperature,
+                                             self.weights, self.version)
+            pending[ref] = k
+
+        for k in range(len(shards)):
+            submit(k)
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            k = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
+                if isinstance(err, ActorUnavailableError) and restarting[k]:  # still coming back: wait
+                    if time.time() - restarting[k] > self.restart_timeout_s:
+                        raise RuntimeError(f"rollout worker {k} did not come back within "
+                                           f"{self.restart_timeout_s:.0f} s") from err
+                    time.sleep(0.2)
+                    submit(k)
+                    continue
+                restarts[k] += 1
+                self.restarts_total += 1
+                restarting[k] = time.time()
+                if restarts[k] > self.max_restarts:
+                    raise RuntimeError(f"rollout worker {k} died {restarts[k]} times playing iteration "
+                                       f"{iteration + 1}; raise ray.max_rollout_restarts or look at its log") from err
+                print(f"rollout worker {k} died ({type(err).__name__}); its {len(shards[k])} episodes are played "
+                      "again on the restarted worker", flush=True)
+                submit(k)
+                continue
+            restarting[k] = 0.0
+            result.stats["queue_wait_s"] = result.stats["started"] - handed_out[k]
+            result.stats["restarts"] = restarts[k]
+            results.append(result)
+        return collect(results)
+
+    def pids(self) -> list[int]:
+        import ray
+
+        return ray.get([a.pid.remote() for a in self.actors])
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+
+
+def _learner_loop(config: dict) -> None:
+    """One Ray Train worker: build the in-process trainer, swap in Ray rollouts, train."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from rlrouter.pipeline import build_rl_trainer
+
+    recipe, out_dir = config["recipe"], Path(config["out_dir"])
+    rank = ray.train.get_context().get_world_rank()
+    resume, state_dir, scratch = config["resume"], out_dir, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restarted learner: continue from the last checkpoint it reported
+        state_dir = out_dir if rank == 0 else Path(tempfile.mkdtemp(prefix="rlrouter-learner-"))
+        scratch = None if rank == 0 else state_dir
+        checkpoint.to_directory(str(state_dir))
+        resume = True
+        print(f"learner {rank}: resuming from the checkpoint of iteration "
+              f"{_checkpoint_iteration(state_dir)}", flush=True)
+    trainer = build_rl_trainer(recipe, Path(config["init"]), out_dir, resume=resume, state_dir=state_dir,
+                               synth_dir=Path(config["synth_dir"]))
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if rank == 0:
+        trainer.rollouts = RayRollouts(recipe, trainer.model, trainer.tokenizer, trainer.prompt_mode, recipe.rl.split,
+                                       recipe.rl.rollout_workers, recipe.ray.rollout_cpus,
+                                       recipe.ray.max_rollout_restarts)
+        trainer.meta["training"]["ray"] = {"learner_workers": trainer.world_size,
+                                           "rollout_workers": recipe.rl.rollout_workers}
+        sys.stdout.write(f"rl on ray: {recipe.rl.algorithm}, {trainer.world_size} learner(s) on {trainer.device}, "
+                         f"{recipe.rl.rollout_workers} rollout worker(s)\n")
+        sys.stdout.flush()
+
+    def report(metrics: dict, saved: Path | None) -> None:
+        if rank == 0:  # written, not printed: Ray Train's print patch would log each line twice
+            sys.stdout.write(f"rl iteration {metrics['iteration']}/{recipe.rl.iterations}: reward "
+                             f"{metrics['reward']:.3f} success {metrics['success']:.2f} cost ${metrics['cost_usd']:.4f} "
+                             f"large {metrics['large_fraction']:.2f} "
+                             f"({metrics['episodes'] / metrics['rollout_s']:.1f} episodes/s)\n")
+            sys.stdout.flush()
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if saved is not None:
+            ray.train.report(numbers, checkpoint=Checkpoint.from_directory(str(saved)))
+        else:
+            ray.train.report(numbers)
+
+    trainer.on_iteration = report
+    trainer.train(progress=False)
+
+
+def _checkpoint_iteration(path: Path) -> int:
+    import json
+
+    return json.loads((path / "trainer_state" / "state.json").read_text())["iteration"]
+
+
+def run_rl_on_ray(recipe, init: Path, out_dir: Path, resume: bool = False, progress: bool = True,
+                  address: str | None = None) -> Path:
+    """The RL stage under Ray Train; returns the final checkpoint's directory (``out_dir``)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = recipe.ray
+    connect(address, cfg.num_cpus)
+    out_dir = Path(out_dir).resolve()
+    storage = cfg.storage_path or str(out_dir.parent / "ray")
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+    resources = {"CPU": cfg.learner_cpus, **({"GPU": cfg.learner_gpus} if cfg.learner_gpus else {})}
+    if cfg.learner_gpus == 0 and recipe.rl.device == "auto":
+        recipe.rl.device = "cpu"  # a CPU learner even if the node it lands on has a GPU it did not reserve
+    trainer = TorchTrainer(
+        _learner_loop,
+        train_loop_config={"recipe": recipe, "init": str(Path(init).resolve()), "out_dir": str(out_dir),
+                           "resume": resume, "synth_dir": str(recipe.synth_dir().resolve())},
+        scaling_config=ScalingConfig(num_workers=cfg.learner_workers, use_gpu=cfg.learner_gpus > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=f"{recipe.name}-rl-{int(time.time())}", storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.max_learner_failures)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"the RL stage failed on Ray: {result.error}") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError("the RL stage on Ray reported no checkpoint")
+    result.checkpoint.to_directory(str(out_dir))  # the learner may have run on another node
+    if progress:
+        print(f"rl on ray: checkpoint {out_dir} (Ray Train storage {result.checkpoint.path})", flush=True)
+    return out_dir
