@@ -163,10 +163,12 @@ class RouterSection:
 class RaySection:
     """Resources of the RL stage when it runs on Ray (``rlrouter train <recipe> --ray``).
 
-    How many rollout workers there are is ``rl.rollout_workers`` (it fixes the episode
-    shards, so it is part of the training run, not of the placement).
+    How the episodes are cut is ``rl.rollout_shards`` (part of the training run: it fixes
+    the batches and seeds); everything here is placement and changes no result.
 
     Attributes:
+        rollout_workers: rollout actors (default: one per shard); a free actor takes the
+            next shard.
         rollout_cpus: CPUs reserved per rollout actor (fractions allowed: executor-bound
             workers mostly wait).
         learner_workers: Ray Train workers of the learner (data-parallel, gradients summed).
@@ -182,6 +184,7 @@ class RaySection:
             all of this machine's).
     """
 
+    rollout_workers: int | None = None
     rollout_cpus: float = 1.0
     learner_workers: int = 1
     learner_cpus: float = 1.0
@@ -196,11 +199,13 @@ class RaySection:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"ray.{name} must be a number >= 0, got {value!r}")
-        for name in ("learner_workers", "max_rollout_restarts", "max_learner_failures"):
+        for name, low in (("learner_workers", 1), ("max_rollout_restarts", 0), ("max_learner_failures", 0),
+                          ("rollout_workers", 1)):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < (1 if name == "learner_workers" else 0):
-                raise ValueError(f"ray.{name} must be an integer >= {1 if name == 'learner_workers' else 0}, "
-                                 f"got {value!r}")
+            if value is None and name == "rollout_workers":
+                continue
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"ray.{name} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass

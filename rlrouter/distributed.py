@@ -9,13 +9,15 @@
   across learners before each optimizer step (``RLTrainer.update``), so the update is the
   one a single learner would make. Checkpoints are reported to Ray Train; a crashed
   learner is restarted (``ray.max_learner_failures``) and resumes from the last one.
-- ``rl.rollout_workers`` rollout actors (``RolloutActor``), each holding a replica of the
-  policy (built from the model config and tokenizer, weights sent through the object store
-  after every update) and its own environments. Each plays one shard of the iteration
-  (``rl/workers.py``) as one batch, so an actor's environment steps never hold up another
-  actor's generation. A dead actor is restarted by Ray (``ray.max_rollout_restarts``) and
-  its shard is played again from the start with the same seed: nothing is counted twice
-  (a shard's episodes are only taken from a call that finished) and nothing is lost.
+- ``ray.rollout_workers`` rollout actors (default: one per shard), each holding a replica
+  of the policy (built from the model config and tokenizer, weights sent through the
+  object store after every update) and its own environments. The iteration's episodes are
+  cut into ``rl.rollout_shards`` shards (``rl/workers.py``); a free actor takes the next
+  shard and plays it as one batch, so an actor's environment steps never hold up another
+  actor's generation, and the number of actors changes where episodes are played, never
+  which. A dead actor is restarted by Ray (``ray.max_rollout_restarts``) and its shard is
+  played again from the start with the same seed: nothing is counted twice (a shard's
+  episodes are only taken from a call that finished) and nothing is lost.
 
 Why replicas rather than one batched generator on the controller: the router is small and
 its turns are short, so a replica costs little memory and a weight broadcast per update,
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections import deque
 import sys
 import tempfile
 import time
@@ -84,18 +87,22 @@ class RolloutActorImpl:
 
 
 class RayRollouts:
-    """``rl.rollout_workers`` actors playing one shard each; see the module docstring."""
+    """Ray actors playing an iteration's shards; see the module docstring.
 
-    def __init__(self, recipe, model, tokenizer, prompt_mode: str, split: str, workers: int,
-                 cpus_per_worker: float = 1.0, max_restarts: int = 3):
+    ``shards`` (``rl.rollout_shards``) fixes the episodes; ``workers`` (``ray.rollout_workers``,
+    default: one per shard) is how many actors play them. A free actor takes the next shard.
+    """
+
+    def __init__(self, recipe, model, tokenizer, prompt_mode: str, split: str, shards: int,
+                 workers: int | None = None, cpus_per_worker: float = 1.0, max_restarts: int = 3):
         import ray
 
         actor = ray.remote(RolloutActorImpl)
         threads = max(1, int(cpus_per_worker))
-        self.actors = [actor.options(num_cpus=cpus_per_worker, max_restarts=max_restarts, max_task_retries=0,
-                                     name=None).remote(recipe, model.config, tokenizer, prompt_mode, split,
-                                                       f"rollout-{k}", threads)
-                       for k in range(workers)]
+        self.shards = shards
+        self.actors = [actor.options(num_cpus=cpus_per_worker, max_restarts=max_restarts, max_task_retries=0)
+                       .remote(recipe, model.config, tokenizer, prompt_mode, split, f"rollout-{a}", threads)
+                       for a in range(workers or shards)]
         self.max_restarts = max_restarts
         self.restart_timeout_s = 300.0
         self.version = -1
@@ -118,45 +125,47 @@ class RayRollouts:
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-        shards = shard_specs(specs, len(self.actors))
-        handed_out, restarts, pending, results = {}, [0] * len(shards), {}, []
-        restarting = [0.0] * len(shards)  # since when worker k is known to be restarting (0: it is not)
+        parts = shard_specs(specs, self.shards)
+        todo = deque(range(len(parts)))
+        queued, pending, results = time.time(), {}, []
+        replays = [0] * len(parts)  # times shard k had to be played again
+        restarting = [0.0] * len(self.actors)  # since when actor a is known to be restarting (0: it is not)
 
-        def submit(k: int) -> None:
-            handed_out[k] = time.time()
-            ref = self.actors[k].play.remote(k, shards[k], shard_seed(seed, iteration, k), temperature,
+        def submit(k: int, a: int) -> None:
+            ref = self.actors[a].play.remote(k, parts[k], shard_seed(seed, iteration, k), temperature,
                                              self.weights, self.version)
-            pending[ref] = k
+            pending[ref] = (k, a)
 
-        for k in range(len(shards)):
-            submit(k)
+        for a in range(min(len(self.actors), len(todo))):
+            submit(todo.popleft(), a)
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
-            k = pending.pop(ref)
+            k, a = pending.pop(ref)
             try:
                 result = ray.get(ref)
             except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
-                if isinstance(err, ActorUnavailableError) and restarting[k]:  # still coming back: wait
-                    if time.time() - restarting[k] > self.restart_timeout_s:
-                        raise RuntimeError(f"rollout worker {k} did not come back within "
+                if isinstance(err, ActorUnavailableError) and restarting[a]:  # still coming back: wait
+                    if time.time() - restarting[a] > self.restart_timeout_s:
+                        raise RuntimeError(f"rollout worker {a} did not come back within "
                                            f"{self.restart_timeout_s:.0f} s") from err
                     time.sleep(0.2)
-                    submit(k)
+                    submit(k, a)
                     continue
-                restarts[k] += 1
+                replays[k] += 1
                 self.restarts_total += 1
-                restarting[k] = time.time()
-                if restarts[k] > self.max_restarts:
-                    raise RuntimeError(f"rollout worker {k} died {restarts[k]} times playing iteration "
-                                       f"{iteration + 1}; raise ray.max_rollout_restarts or look at its log") from err
-                print(f"rollout worker {k} died ({type(err).__name__}); its {len(shards[k])} episodes are played "
-                      "again on the restarted worker", flush=True)
-                submit(k)
+                restarting[a] = time.time()
+                if replays[k] > self.max_restarts:
+                    raise RuntimeError(f"shard {k} of iteration {iteration + 1} lost its worker {replays[k]} times; "
+                                       "raise ray.max_rollout_restarts or look at the workers' logs") from err
+                print(f"rollout worker {a} died ({type(err).__name__}); its shard of {len(parts[k])} episodes is "
+                      "played again on the restarted worker", flush=True)
+                submit(k, a)
                 continue
-            restarting[k] = 0.0
-            result.stats["queue_wait_s"] = result.stats["started"] - handed_out[k]
-            result.stats["restarts"] = restarts[k]
+            restarting[a] = 0.0
+            result.stats.update(queue_wait_s=result.stats["started"] - queued, restarts=replays[k], actor=a)
             results.append(result)
+            if todo:
+                submit(todo.popleft(), a)
         return collect(results)
 
     def pids(self) -> list[int]:
@@ -194,20 +203,21 @@ def _learner_loop(config: dict) -> None:
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
     if rank == 0:
+        workers = recipe.ray.rollout_workers or recipe.rl.rollout_shards
         trainer.rollouts = RayRollouts(recipe, trainer.model, trainer.tokenizer, trainer.prompt_mode, recipe.rl.split,
-                                       recipe.rl.rollout_workers, recipe.ray.rollout_cpus,
+                                       recipe.rl.rollout_shards, workers, recipe.ray.rollout_cpus,
                                        recipe.ray.max_rollout_restarts)
-        trainer.meta["training"]["ray"] = {"learner_workers": trainer.world_size,
-                                           "rollout_workers": recipe.rl.rollout_workers}
+        trainer.meta["training"]["ray"] = {"learner_workers": trainer.world_size, "rollout_workers": workers,
+                                           "rollout_shards": recipe.rl.rollout_shards}
         sys.stdout.write(f"rl on ray: {recipe.rl.algorithm}, {trainer.world_size} learner(s) on {trainer.device}, "
-                         f"{recipe.rl.rollout_workers} rollout worker(s)\n")
+                         f"{workers} rollout worker(s) for {recipe.rl.rollout_shards} shard(s)\n")
         sys.stdout.flush()
 
     def report(metrics: dict, saved: Path | None) -> None:
         if rank == 0:  # written, not printed: Ray Train's print patch would log each line twice
             sys.stdout.write(f"rl iteration {metrics['iteration']}/{recipe.rl.iterations}: reward "
-                             f"{metrics['reward']:.3f} success {metrics['success']:.2f} cost ${metrics['cost_usd']:.4f} "
-                             f"large {metrics['large_fraction']:.2f} "
+                             f"{metrics['reward']:.3f} success {metrics['success']:.2f} "
+                             f"cost ${metrics['cost_usd']:.4f} large {metrics['large_fraction']:.2f} "
                              f"({metrics['episodes'] / metrics['rollout_s']:.1f} episodes/s)\n")
             sys.stdout.flush()
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -4,7 +4,6 @@ in-process run, a killed rollout actor's shard is played again, a Ray Train run 
 an in-process run and survives a killed learner, and ``ray job submit`` runs the cluster
 recipe."""
 
-import copy
 import json
 import os
 import signal
@@ -21,13 +20,9 @@ import yaml
 
 from envs import Budget
 from rlrouter.rl.rollout import EpisodeSpec, HFEngine
-from rlrouter.rl.trainer import RLSettings
 from rlrouter.rl.workers import LocalRollouts, RolloutWorker, shard_specs
 
 ROOT = Path(__file__).resolve().parents[1]
-
-pytestmark = pytest.mark.slow
-
 
 def test_shards_are_contiguous_and_cover_every_episode_once():
     specs = list(range(10))
@@ -35,6 +30,21 @@ def test_shards_are_contiguous_and_cover_every_episode_once():
     assert shard_specs(specs[:2], 4) == [[0], [1]]  # no empty shards
     with pytest.raises(ValueError, match="rollout workers must be >= 1"):
         shard_specs(specs, 0)
+
+
+@pytest.mark.parametrize("section,field,value,match", [
+    ("ray", "learner_workers", 0, "ray.learner_workers must be an integer >= 1"),
+    ("ray", "rollout_cpus", -1, "ray.rollout_cpus must be a number >= 0"),
+    ("ray", "max_rollout_restarts", 1.5, "ray.max_rollout_restarts must be an integer >= 0"),
+    ("ray", "learner_gpu", 1, r"unknown field\(s\) \['learner_gpu'\]"),
+    ("ray", "rollout_workers", 0, "ray.rollout_workers must be an integer >= 1"),
+    ("rl", "rollout_shards", 0, "rl.rollout_shards must be >= 1"),
+])
+def test_ray_settings_name_the_bad_field(section, field, value, match):
+    from rlrouter.config import RecipeError, recipe_from_dict
+
+    with pytest.raises(RecipeError, match=match):
+        recipe_from_dict({"name": "x", "stages": ["rl"], section: {field: value}})
 
 
 def _specs(n: int) -> list[EpisodeSpec]:
@@ -55,6 +65,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_ray_rollout_actors_play_the_same_episodes_as_in_process_shards(trained, ray_cluster, one_thread):
     from rlrouter.distributed import RayRollouts
     from rlrouter.router.checkpoint import load_checkpoint
@@ -63,10 +74,10 @@ def test_ray_rollout_actors_play_the_same_episodes_as_in_process_shards(trained,
     model, tok, _ = load_checkpoint(checkpoint, recipe.pool.names)
     specs = _specs(12)
     local = LocalRollouts(RolloutWorker(HFEngine(model, tok, recipe.pool.names, 32), lambda: recipe.make_env("train"),
-                                        "step"), shards=2)
+                                        "step"), shards=3)
     expected, local_stats = local.play(specs, seed=3, iteration=5, temperature=1.0)
-    remote = RayRollouts(recipe, model, tok, "step", "train", workers=2, cpus_per_worker=0.5)
-    try:
+    remote = RayRollouts(recipe, model, tok, "step", "train", shards=3, workers=2, cpus_per_worker=0.5)
+    try:  # 3 shards on 2 actors: one actor plays two of them
         got, stats = remote.play(specs, seed=3, iteration=5, temperature=1.0)
     finally:
         remote.close()
@@ -75,11 +86,13 @@ def test_ray_rollout_actors_play_the_same_episodes_as_in_process_shards(trained,
     for a, b in zip(got, expected):
         for ta, tb in zip(a.turns, b.turns):
             np.testing.assert_allclose(ta.logprobs, tb.logprobs, atol=1e-5)
-    assert stats["worker0_episodes"] == 6 and stats["worker1_episodes"] == 6
-    assert stats["worker0_restarts"] == 0 and stats["worker0_generate_s"] > 0 and stats["worker0_queue_wait_s"] >= 0
+    assert [stats[f"shard{k}_episodes"] for k in range(3)] == [4, 4, 4]
+    assert sorted(stats[f"shard{k}_actor"] for k in range(3)) in ([0, 0, 1], [0, 1, 1])
+    assert stats["shard0_restarts"] == 0 and stats["shard0_generate_s"] > 0 and stats["shard0_queue_wait_s"] >= 0
     assert set(local_stats) <= set(stats)
 
 
+@pytest.mark.slow
 def test_a_killed_rollout_actor_is_restarted_and_its_episodes_played_again(trained, ray_cluster):
     """Executors with 50 ms of real HTTP latency make a shard take seconds; actor 0 is
     SIGKILLed mid-shard. The iteration still returns each episode exactly once, identical
@@ -106,7 +119,7 @@ def test_a_killed_rollout_actor_is_restarted_and_its_episodes_played_again(train
             with urllib.request.urlopen(pool.base_url.replace("/v1", "/ledger")) as reply:
                 return len(json.loads(reply.read())["calls"])
 
-        rollouts = RayRollouts(recipe, model, tok, "step", "train", workers=2, cpus_per_worker=0.5, max_restarts=2)
+        rollouts = RayRollouts(recipe, model, tok, "step", "train", shards=2, cpus_per_worker=0.5, max_restarts=2)
         try:
             expected, _ = rollouts.play(specs, seed=1, iteration=0, temperature=1.0)
             undisturbed_calls = ledger_calls()
@@ -127,7 +140,7 @@ def test_a_killed_rollout_actor_is_restarted_and_its_episodes_played_again(train
             assert rollouts.pids()[0] != victim  # a new process
         finally:
             rollouts.close()
-        assert stats["worker0_restarts"] == 1 and stats["worker1_restarts"] == 0
+        assert stats["shard0_restarts"] == 1 and stats["shard1_restarts"] == 0
         assert [r.spec for r in got] == specs
         assert _signature(got) == _signature(expected)
         replayed = ledger_calls() - 2 * undisturbed_calls
@@ -138,7 +151,7 @@ def _recipe_file(trained, tmp_path, name: str, **extra) -> tuple[Path, dict]:
     recipe = trained[0]
     rl = {"algorithm": "bopo", "iterations": 3, "tasks_per_iteration": 8, "group_size": 4, "tasks": 40,
           "budgets": ["none", "large_calls=2"], "learning_rate": 1e-3, "save_every": 1, "micro_batch_size": 8,
-          "rollout_workers": 2, "out_dir": str(tmp_path / name / "rl")}
+          "rollout_shards": 2, "out_dir": str(tmp_path / name / "rl")}
     data = {"name": "ray-test", "seed": 0, "stages": ["rl"], "world": recipe.world,
             "env": {"cost_lambda": recipe.env.cost_lambda}, "router": {"max_new_tokens": 32},
             "synth": {"tasks": 40, "out_dir": str(recipe.synth_dir())}, "sft": {"out_dir": str(trained[1])},
@@ -153,6 +166,7 @@ def _metrics(path: Path) -> list[dict]:
             for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_ray_train_run_with_two_learners_matches_in_process_and_survives_a_killed_learner(
         trained, ray_cluster, tmp_path, one_thread):
     """The same recipe and seed in process and on Ray (2 rollout actors, 2 data-parallel
@@ -169,7 +183,8 @@ def test_a_ray_train_run_with_two_learners_matches_in_process_and_survives_a_kil
     local_path, _ = _recipe_file(trained, tmp_path, "local")
     run_rl_stage(load_recipe(local_path), progress=False)
 
-    ray_path, rl = _recipe_file(trained, tmp_path, "ray", ray={"rollout_cpus": 0.5, "learner_workers": 2,
+    ray_path, rl = _recipe_file(trained, tmp_path, "ray", ray={"rollout_workers": 2, "rollout_cpus": 0.5,
+                                                               "learner_workers": 2,
                                                                "learner_cpus": 0.5, "max_learner_failures": 2})
     state = Path(rl["out_dir"]) / "trainer_state" / "state.json"
     proc = subprocess.Popen([sys.executable, "-m", "rlrouter", "rl", str(ray_path), "--address", ray_cluster["gcs"],
@@ -191,7 +206,7 @@ def test_a_ray_train_run_with_two_learners_matches_in_process_and_survives_a_kil
     remote = _metrics(tmp_path / "ray" / "rl-metrics.jsonl")
     assert [m["iteration"] for m in remote] == [1, 2, 3]
     episode_keys = ("episodes", "reward", "success", "cost_usd", "large_fraction", "well_formed", "generated_tokens",
-                    "worker0_episodes", "worker1_episodes")
+                    "shard0_episodes", "shard1_episodes")
     for a, b in zip(local, remote):
         assert {k: a[k] for k in episode_keys} == {k: b[k] for k in episode_keys}
         for key in ("pg_loss", "entropy", "grad_norm"):
@@ -200,6 +215,7 @@ def test_a_ray_train_run_with_two_learners_matches_in_process_and_survives_a_kil
     assert meta["rl"]["iteration"] == 3 and meta["training"]["ray"]["learner_workers"] == 2
 
 
+@pytest.mark.slow
 def test_ray_job_submit_runs_the_cluster_recipe_end_to_end(ray_cluster):
     """The README's command, against the session's head node."""
     job = subprocess.run(
@@ -209,7 +225,8 @@ def test_ray_job_submit_runs_the_cluster_recipe_end_to_end(ray_cluster):
     out = job.stdout + job.stderr
     assert job.returncode == 0, out[-4000:]
     assert "succeeded" in out.lower()
-    for line in ("== stage: rl", "rl on ray: bopo, 1 learner(s) on cpu, 2 rollout worker(s)", "rl iteration 3/3",
+    for line in ("== stage: rl", "rl on ray: bopo, 1 learner(s) on cpu, 2 rollout worker(s) for 2 shard(s)",
+                 "rl iteration 3/3",
                  "== stage: eval"):
         assert line in out, line
     table = [row for row in out.splitlines() if row.startswith("| ")]

@@ -15,6 +15,11 @@ fails), *derails* the task (every later step gets ``derail_penalty`` harder), or
 *retried*. Every attempt uses one agent step; the episode is truncated at the step limit
 ``length + max(min_slack, slack_fraction * length)``.
 
+An executor may also name an OpenAI-compatible ``endpoint`` (and ``model``): each step then
+makes a real HTTP call there and waits for the reply, whose content is not used — the
+outcome stays simulated, the latency is real (``EndpointRoundTrip``; the Ray scaling
+benchmark uses it with the local pool server).
+
 Randomness uses common random numbers: the uniform draw that decides a step's correctness
 is keyed by ``(episode seed, position, attempt)`` and shared by all tiers, so a stronger
 tier succeeds whenever a weaker one would, and replaying a route from the same seed gives

@@ -91,9 +91,10 @@ class RLSettings:
             conditions the route, but gets no gradient).
         device: where the policy trains and generates: ``auto`` (CUDA when available, else
             CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-        rollout_workers: shards an iteration's episodes are cut into, each played as one
+        rollout_shards: shards an iteration's episodes are cut into, each played as one
             batch with its own seed (``workers.py``); in process they run one after another,
-            with ``--ray`` on that many Ray actors at once. Same value, same episodes.
+            with ``--ray`` on ``ray.rollout_workers`` actors at once. Same value, same
+            episodes, however many actors play them.
     """
 
     algorithm: str = "bopo"
@@ -137,7 +138,7 @@ class RLSettings:
     out_dir: str | None = None
     loss_tokens: str = "all"
     device: str = "auto"
-    rollout_workers: int = 1
+    rollout_shards: int = 1
 
     def __post_init__(self):
         if self.loss_tokens not in ("all", "route"):
@@ -158,7 +159,7 @@ class RLSettings:
         if self.group_size < 2:
             raise ValueError(f"rl.group_size must be >= 2 (advantages compare rollouts of a task), got {self.group_size}")
         for name in ("iterations", "tasks_per_iteration", "epochs", "minibatches", "micro_batch_size", "save_every",
-                     "rollout_workers"):
+                     "rollout_shards"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -272,7 +273,7 @@ class RLTrainer:
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         self.engine = engine or HFEngine(self.model, tokenizer, self.tiers, max_new_tokens)
         # who plays the episodes: shards on this process's engine, or Ray actors (rlrouter.distributed)
-        self.rollouts = rollouts or LocalRollouts(RolloutWorker(self.engine, make_env, prompt_mode), s.rollout_workers)
+        self.rollouts = rollouts or LocalRollouts(RolloutWorker(self.engine, make_env, prompt_mode), s.rollout_shards)
         self.rank, self.world_size = distributed_rank()
         self.on_iteration: Callable[[dict, Path | None], None] | None = None  # called after each iteration
         self.iteration = 0

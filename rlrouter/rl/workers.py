@@ -1,19 +1,18 @@
 """Rollout workers: who plays an iteration's episodes, in process or on a Ray cluster.
 
-An iteration's episodes are cut into ``rollout_workers`` contiguous *shards*. A shard is
+An iteration's episodes are cut into ``rl.rollout_shards`` contiguous *shards*. A shard is
 the unit of work: one worker plays it as one lockstep batch (``play_episodes``), with the
 torch generator seeded by ``shard_seed(seed, iteration, k)``. Because the seed and the
 batch belong to the shard, not to whoever plays it, the same shard gives the same
 episodes in this process (``LocalRollouts``: shards one after another, on the trainer's
-own model) and on a Ray actor (``rlrouter.distributed.RayRollouts``: shards in parallel,
-each actor holding a replica of the policy). That is what lets a Ray run reproduce an
-in-process run, and what lets a shard whose worker died be played again from scratch
-without changing the batch.
+own model) and on any Ray actor (``rlrouter.distributed.RayRollouts``: each actor holds a
+replica of the policy and takes the next shard when it is free). That is what lets a Ray
+run reproduce an in-process run whatever the number of actors, and what lets a shard
+whose worker died be played again from scratch without changing the batch.
 
-A worker reports, per shard: episodes, wall seconds, seconds in generation and in
-environment steps (the executors), and the queue wait between the controller handing the
-shard out and the worker starting it. The trainer writes them to its JSONL log as
-``worker<k>_*`` fields.
+Reported per shard: episodes, wall seconds, seconds in generation and in environment
+steps (the executors), and the queue wait from the iteration handing out its shards to a
+worker starting this one. The trainer writes them to its JSONL log as ``shard<k>_*``.
 """
 
 from __future__ import annotations
@@ -76,12 +75,12 @@ class LocalRollouts:
         self.worker = worker
         self.shards = shards
 
-    def play(self, specs: list[EpisodeSpec], seed: int, iteration: int, temperature: float) -> tuple[list[Rollout], dict]:
-        results = []
+    def play(self, specs: list[EpisodeSpec], seed: int, iteration: int,
+             temperature: float) -> tuple[list[Rollout], dict]:
+        results, queued = [], time.time()
         for k, part in enumerate(shard_specs(specs, self.shards)):
-            handed_out = time.time()
             result = self.worker.play(k, part, shard_seed(seed, iteration, k), temperature)
-            result.stats["queue_wait_s"] = result.stats["started"] - handed_out
+            result.stats["queue_wait_s"] = result.stats["started"] - queued
             results.append(result)
         return collect(results)
 
@@ -102,11 +101,12 @@ def collect(results: list[ShardResult]) -> tuple[list[Rollout], dict]:
     stats = {}
     for r in results:
         s = r.stats
-        prefix = f"worker{r.shard}_"
+        prefix = f"shard{r.shard}_"
         stats[prefix + "episodes"] = s["episodes"]
         stats[prefix + "episodes_per_s"] = s["episodes"] / max(s["wall_s"], 1e-9)
         for key in ("wall_s", "generate_s", "env_s", "queue_wait_s"):
             stats[prefix + key] = float(s.get(key, 0.0))
-        if "restarts" in s:
-            stats[prefix + "restarts"] = s["restarts"]
+        for key in ("restarts", "actor"):  # Ray: times the shard was played again, and who played it
+            if key in s:
+                stats[prefix + key] = s[key]
     return [ro for r in results for ro in r.rollouts], stats
