@@ -73,7 +73,8 @@ def main() -> None:
             steps = sum(len(r.turns) for r in played)
             routes = [[t.tier for t in r.turns] for r in played]
             same = routes == rows[0]["routes"] if rows else True
-            rows.append({"routes": routes, "same_episodes_as_1": same,"workers": n, "episodes": len(played), "executor_calls": steps, "seconds": seconds,
+            rows.append({"routes": routes, "same_episodes_as_1": same, "workers": n, "episodes": len(played),
+                         "executor_calls": steps, "seconds": seconds,
                          "episodes_per_s": len(played) / seconds, "calls_per_s": steps / seconds,
                          "generate_s": sum(v for k, v in stats.items() if k.endswith("generate_s")),
                          "env_s": sum(v for k, v in stats.items() if k.endswith("env_s"))})
