@@ -225,9 +225,9 @@ def test_ray_job_submit_runs_the_cluster_recipe_end_to_end(ray_cluster):
     out = job.stdout + job.stderr
     assert job.returncode == 0, out[-4000:]
     assert "succeeded" in out.lower()
-    for line in ("== stage: rl", "rl on ray: bopo, 1 learner(s) on cpu, 2 rollout worker(s) for 2 shard(s)",
-                 "rl iteration 3/3",
-                 "== stage: eval"):
+    # the driver's own lines (the learner's are forwarded to the job log too, but not
+    # necessarily before the job ends)
+    for line in ("== stage: rl", "last iteration: iteration 3,", "== stage: eval"):
         assert line in out, line
     table = [row for row in out.splitlines() if row.startswith("| ")]
     assert any("| bopo" in row or "bopo" in row.split("|")[1] for row in table[1:]), table

@@ -20,6 +20,7 @@ if __name__ == "__main__":
     from rlrouter.config import recipe_from_dict
     from rlrouter.rl.rollout import EpisodeSpec, HFEngine, VLLMEngine, play_episodes
     from rlrouter.rl.trainer import RLSettings, RLTrainer, load_boundaries
+    from rlrouter.rl.workers import LocalRollouts, RolloutWorker
     from rlrouter.router.checkpoint import load_checkpoint
 
     synth_dir, checkpoint, out_dir, out_path = sys.argv[1:5]
@@ -42,7 +43,7 @@ if __name__ == "__main__":
     metrics = trainer.iterate()  # rollouts on vLLM, update, weights pushed into vLLM
     # two more updates from transformers rollouts (seeded, so the weights surely move far
     # enough to change greedy routes), pushed into vLLM the same way
-    trainer.engine = HFEngine(model, tok, recipe.pool.names, 32)
+    trainer.rollouts = LocalRollouts(RolloutWorker(HFEngine(model, tok, recipe.pool.names, 32), make_env, "step"))
     trainer.iterate()
     trainer.iterate()
     engine.load_weights(model)

@@ -271,9 +271,10 @@ class RLTrainer:
             self.value_head = ValueHead(self.model.config.hidden_size).to(self.device)
             groups.append({"params": list(self.value_head.parameters()), "lr": s.value_learning_rate})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-        self.engine = engine or HFEngine(self.model, tokenizer, self.tiers, max_new_tokens)
-        # who plays the episodes: shards on this process's engine, or Ray actors (rlrouter.distributed)
-        self.rollouts = rollouts or LocalRollouts(RolloutWorker(self.engine, make_env, prompt_mode), s.rollout_shards)
+        # who plays the episodes: shards on this process's engine (transformers on the policy
+        # itself unless another engine is given), or Ray actors (rlrouter.distributed)
+        engine = engine or HFEngine(self.model, tokenizer, self.tiers, max_new_tokens)
+        self.rollouts = rollouts or LocalRollouts(RolloutWorker(engine, make_env, prompt_mode), s.rollout_shards)
         self.rank, self.world_size = distributed_rank()
         self.on_iteration: Callable[[dict, Path | None], None] | None = None  # called after each iteration
         self.iteration = 0
