@@ -128,8 +128,14 @@ def build_rl_trainer(recipe: Recipe, init: Path, out_dir: Path, resume: bool = F
         from rlrouter.rl.rollout import VLLMEngine
 
         engine = VLLMEngine(str(start_from), tokenizer, recipe.pool.names, recipe.router.max_new_tokens, recipe.seed)
+    task_ids = env.task_ids[: cfg.tasks]
+    if set(cfg.task_taxonomy) != {"easy", "hard", "intractable"}:
+        task_ids = [t for t in task_ids if t in boundaries and boundaries[t].taxonomy in cfg.task_taxonomy]
+        if not task_ids:
+            raise ValueError(f"rl.task_taxonomy {cfg.task_taxonomy}: none of the {cfg.tasks} training tasks is of "
+                             "these classes (see the synth stage's boundary report)")
     trainer = RLTrainer(model, tokenizer, cfg, lambda: recipe.make_env(cfg.split, world=world),
-                        env.task_ids[: cfg.tasks], boundaries, recipe.pool.names, out_dir, meta, seed=recipe.seed,
+                        task_ids, boundaries, recipe.pool.names, out_dir, meta, seed=recipe.seed,
                         prompt_mode=prompt_mode, max_new_tokens=recipe.router.max_new_tokens,
                         eval_make_env=lambda: recipe.make_env(recipe.eval.split, world=world),
                         eval_task_ids=eval_env.task_ids, engine=engine)

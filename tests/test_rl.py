@@ -159,6 +159,8 @@ def test_token_logprobs_match_log_softmax():
     ("group_size", 1, "group_size"),
     ("cost_lambda", [0.9, 0.1], "cost_lambda"),
     ("device", "tpu", "rl.device"),
+    ("task_taxonomy", ["medium"], "rl.task_taxonomy"),
+    ("task_taxonomy", [], "rl.task_taxonomy"),
 ])
 def test_rl_settings_name_the_bad_field(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -313,6 +315,21 @@ def _metrics_without_timing(path: Path) -> list[dict]:
     """The logged metrics without wall-clock fields (seconds, rates: every key ending in ``_s``)."""
     return [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}
             for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_task_taxonomy_keeps_only_training_tasks_of_those_boundary_classes(trained, tmp_path):
+    from rlrouter.pipeline import build_rl_trainer
+    from rlrouter.rl.trainer import load_boundaries
+
+    boundaries = load_boundaries(trained[0].synth_dir() / "boundary.json")
+    hard = [t for t in [f"train-{i}" for i in range(40)] if boundaries[t].taxonomy == "hard"]
+    assert 0 < len(hard) < 40
+    recipe = rl_recipe(trained, tmp_path, task_taxonomy=["hard"])
+    trainer = build_rl_trainer(recipe, trained[1], tmp_path / "rl")
+    assert trainer.task_ids == hard
+    everything = build_rl_trainer(rl_recipe(trained, tmp_path), trained[1], tmp_path / "rl")
+    assert everything.task_ids == [f"train-{i}" for i in range(40)]
 
 
 @pytest.mark.slow

@@ -91,6 +91,8 @@ class RLSettings:
             conditions the route, but gets no gradient).
         device: where the policy trains and generates: ``auto`` (CUDA when available, else
             CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        task_taxonomy: boundary classes of the training tasks to train on (default all three;
+            e.g. ``[hard]``: only tasks where the large model is what makes the difference).
         rollout_shards: shards an iteration's episodes are cut into, each played as one
             batch with its own seed (``workers.py``); in process they run one after another,
             with ``--ray`` on ``ray.rollout_workers`` actors at once. Same value, same
@@ -139,6 +141,7 @@ class RLSettings:
     loss_tokens: str = "all"
     device: str = "auto"
     rollout_shards: int = 1
+    task_taxonomy: list = field(default_factory=lambda: ["easy", "hard", "intractable"])
 
     def __post_init__(self):
         if self.loss_tokens not in ("all", "route"):
@@ -156,6 +159,10 @@ class RLSettings:
         low, high = self.lambda_range()
         if not 0 <= low <= high:
             raise ValueError(f"rl.cost_lambda must be a number or [low, high] with 0 <= low <= high, got {self.cost_lambda}")
+        unknown = set(self.task_taxonomy) - {"easy", "hard", "intractable"}
+        if not self.task_taxonomy or unknown:
+            raise ValueError(f"rl.task_taxonomy must be a non-empty subset of [easy, hard, intractable], "
+                             f"got {self.task_taxonomy!r}")
         if self.group_size < 2:
             raise ValueError(f"rl.group_size must be >= 2 (advantages compare rollouts of a task), got {self.group_size}")
         for name in ("iterations", "tasks_per_iteration", "epochs", "minibatches", "micro_batch_size", "save_every",
