@@ -61,7 +61,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
 class RolloutActorImpl:
     """The body of a rollout actor (``RolloutActor`` is this class as a Ray actor)."""
 
-    def __init__(self, recipe, config, tokenizer, prompt_mode: str, split: str, name: str, threads: int = 1):
+    def __init__(self, recipe, config, tokenizer, prompt_mode: str, split: str, threads: int = 1):
         from transformers import AutoModelForCausalLM
 
         from rlrouter.rl.rollout import HFEngine
@@ -70,7 +70,7 @@ class RolloutActorImpl:
         model = AutoModelForCausalLM.from_config(config).eval()
         world = recipe.build_world()
         engine = HFEngine(model, tokenizer, recipe.pool.names, recipe.router.max_new_tokens)
-        self.worker = RolloutWorker(engine, lambda: recipe.make_env(split, world=world), prompt_mode, name)
+        self.worker = RolloutWorker(engine, lambda: recipe.make_env(split, world=world), prompt_mode)
         self.version = -1
 
     def play(self, shard: int, specs: list[EpisodeSpec], torch_seed: int, temperature: float, weights: list,
@@ -101,13 +101,12 @@ class RayRollouts:
         threads = max(1, int(cpus_per_worker))
         self.shards = shards
         self.actors = [actor.options(num_cpus=cpus_per_worker, max_restarts=max_restarts, max_task_retries=0)
-                       .remote(recipe, model.config, tokenizer, prompt_mode, split, f"rollout-{a}", threads)
+                       .remote(recipe, model.config, tokenizer, prompt_mode, split, threads)
                        for a in range(workers or shards)]
         self.max_restarts = max_restarts
         self.restart_timeout_s = 300.0
         self.version = -1
         self.weights = None
-        self.restarts_total = 0
         self.sync(model)
 
     def sync(self, model) -> float:
@@ -152,7 +151,6 @@ class RayRollouts:
                     submit(k, a)
                     continue
                 replays[k] += 1
-                self.restarts_total += 1
                 restarting[a] = time.time()
                 if replays[k] > self.max_restarts:
                     raise RuntimeError(f"shard {k} of iteration {iteration + 1} lost its worker {replays[k]} times; "
@@ -196,10 +194,10 @@ def _learner_loop(config: dict) -> None:
         scratch = None if rank == 0 else state_dir
         checkpoint.to_directory(str(state_dir))
         resume = True
-        print(f"learner {rank}: resuming from the checkpoint of iteration "
-              f"{_checkpoint_iteration(state_dir)}", flush=True)
     trainer = build_rl_trainer(recipe, Path(config["init"]), out_dir, resume=resume, state_dir=state_dir,
                                synth_dir=Path(config["synth_dir"]))
+    if checkpoint is not None:
+        print(f"learner {rank}: resuming from the checkpoint of iteration {trainer.iteration}", flush=True)
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
     if rank == 0:
@@ -228,12 +226,6 @@ def _learner_loop(config: dict) -> None:
 
     trainer.on_iteration = report
     trainer.train(progress=False)
-
-
-def _checkpoint_iteration(path: Path) -> int:
-    import json
-
-    return json.loads((path / "trainer_state" / "state.json").read_text())["iteration"]
 
 
 def run_rl_on_ray(recipe, init: Path, out_dir: Path, resume: bool = False, progress: bool = True,

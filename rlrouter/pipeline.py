@@ -103,6 +103,7 @@ def build_rl_trainer(recipe: Recipe, init: Path, out_dir: Path, resume: bool = F
     """The ``RLTrainer`` of a recipe, on the in-process engine. ``resume`` restores model,
     optimizer and history from ``state_dir`` (default ``out_dir``): a checkpoint with
     ``trainer_state/``. The Ray learner builds its trainer here too."""
+    from rlrouter.boundary.runs import LABELS
     from rlrouter.rl.trainer import RLTrainer, load_boundaries
     from rlrouter.router.checkpoint import load_checkpoint
 
@@ -129,7 +130,7 @@ def build_rl_trainer(recipe: Recipe, init: Path, out_dir: Path, resume: bool = F
 
         engine = VLLMEngine(str(start_from), tokenizer, recipe.pool.names, recipe.router.max_new_tokens, recipe.seed)
     task_ids = env.task_ids[: cfg.tasks]
-    if set(cfg.task_taxonomy) != {"easy", "hard", "intractable"}:
+    if set(cfg.task_taxonomy) != set(LABELS):
         task_ids = [t for t in task_ids if t in boundaries and boundaries[t].taxonomy in cfg.task_taxonomy]
         if not task_ids:
             raise ValueError(f"rl.task_taxonomy {cfg.task_taxonomy}: none of the {cfg.tasks} training tasks is of "

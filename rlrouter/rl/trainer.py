@@ -33,12 +33,13 @@ import torch
 from tqdm.auto import tqdm
 
 from envs.budget import Budget
+from rlrouter.boundary.runs import LABELS
 from rlrouter.rl.advantages import bopo_advantages, explained_variance, gae, grpo_advantages, tree_advantages
 from rlrouter.rl.loss import clipped_policy_loss, token_logprobs
 from rlrouter.rl.rewards import REWARD_KINDS, RewardSpec, TaskBoundary, episode_reward, reference_rewards
 from rlrouter.rl.rollout import (EpisodeSpec, HFEngine, Rollout, constraint_masks, play_episodes,
                                  training_sequences)
-from rlrouter.rl.workers import LocalRollouts, RolloutWorker
+from rlrouter.rl.workers import LocalRollouts, RolloutWorker, shard_seed
 from rlrouter.router.model import default_device
 
 ALGORITHMS = ("grpo", "bopo", "ppo")
@@ -141,7 +142,7 @@ class RLSettings:
     loss_tokens: str = "all"
     device: str = "auto"
     rollout_shards: int = 1
-    task_taxonomy: list = field(default_factory=lambda: ["easy", "hard", "intractable"])
+    task_taxonomy: list = field(default_factory=lambda: list(LABELS))
 
     def __post_init__(self):
         if self.loss_tokens not in ("all", "route"):
@@ -159,8 +160,7 @@ class RLSettings:
         low, high = self.lambda_range()
         if not 0 <= low <= high:
             raise ValueError(f"rl.cost_lambda must be a number or [low, high] with 0 <= low <= high, got {self.cost_lambda}")
-        unknown = set(self.task_taxonomy) - {"easy", "hard", "intractable"}
-        if not self.task_taxonomy or unknown:
+        if not self.task_taxonomy or set(self.task_taxonomy) - set(LABELS):
             raise ValueError(f"rl.task_taxonomy must be a non-empty subset of [easy, hard, intractable], "
                              f"got {self.task_taxonomy!r}")
         if self.group_size < 2:
@@ -229,7 +229,7 @@ def distributed_rank() -> tuple[int, int]:
 
 
 def _seed_everything(seed: int, iteration: int) -> np.random.Generator:
-    torch.manual_seed(seed * 1_000_003 + iteration)
+    torch.manual_seed(shard_seed(seed, iteration, 0))  # the iteration's seed is shard 0's
     return np.random.default_rng([seed, iteration])
 
 
@@ -517,7 +517,7 @@ class RLTrainer:
         return out
 
     # -- one iteration --------------------------------------------------------------------
-    def iterate(self, progress: bool = False) -> dict:
+    def iterate(self) -> dict:
         s = self.settings
         rng = _seed_everything(self.seed, self.iteration)
         groups = self.sample_groups(rng)
@@ -604,7 +604,7 @@ class RLTrainer:
               stop_after: int | None = None) -> Path:
         s = self.settings
         lead = self.rank == 0  # only the first learner writes logs and checkpoints
-        metrics_path = self.metrics_path(metrics_path)
+        metrics_path = Path(metrics_path or self.out_dir.with_name(self.out_dir.name + "-metrics.jsonl"))
         writer = None
         if lead:
             metrics_path.parent.mkdir(parents=True, exist_ok=True)
@@ -630,10 +630,6 @@ class RLTrainer:
                 self.on_iteration(metrics, saved)
         bar.close()
         return self.out_dir
-
-    def metrics_path(self, path: str | Path | None = None) -> Path:
-        """The JSONL log: ``<out_dir>-metrics.jsonl`` unless given."""
-        return Path(path or self.out_dir.with_name(self.out_dir.name + "-metrics.jsonl"))
 
     def _merged_model(self):
         if not self.settings.lora:

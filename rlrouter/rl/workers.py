@@ -44,17 +44,16 @@ def shard_seed(seed: int, iteration: int, shard: int) -> int:
 class ShardResult:
     shard: int
     rollouts: list[Rollout]
-    stats: dict  # episodes, wall_s, generate_s, env_s, started (time.time()), worker
+    stats: dict  # episodes, wall_s, generate_s, env_s, started (time.time())
 
 
 class RolloutWorker:
     """Plays shards with one engine and fresh environments from ``make_env``."""
 
-    def __init__(self, engine, make_env: Callable, prompt_mode: str, name: str = "local"):
+    def __init__(self, engine, make_env: Callable, prompt_mode: str):
         self.engine = engine
         self.make_env = make_env
         self.prompt_mode = prompt_mode
-        self.name = name
 
     def play(self, shard: int, specs: list[EpisodeSpec], torch_seed: int, temperature: float,
              sample: bool = True, logprobs: bool = True) -> ShardResult:
@@ -64,7 +63,7 @@ class RolloutWorker:
         rollouts = play_episodes(self.engine, self.make_env, specs, self.prompt_mode, sample=sample,
                                  temperature=temperature, logprobs=logprobs, timings=timings)
         stats = {"episodes": len(rollouts), "wall_s": time.time() - started, "started": started,
-                 "worker": self.name, **timings}
+                 **timings}
         return ShardResult(shard, rollouts, stats)
 
 
@@ -90,9 +89,6 @@ class LocalRollouts:
         if hasattr(self.worker.engine, "load_weights"):  # the vLLM engine holds its own copy
             self.worker.engine.load_weights(model)
         return time.perf_counter() - start
-
-    def close(self) -> None:
-        pass
 
 
 def collect(results: list[ShardResult]) -> tuple[list[Rollout], dict]:
