@@ -9,6 +9,8 @@ id                             world
 ``rlrouter/RouteLLM-MMLU-v0``  replay of recorded MMLU outcomes (Mixtral = small, GPT-4 = large)
 ``rlrouter/RouteLLM-GSM8K-v0`` replay of recorded GSM8K outcomes and responses
 ``rlrouter/Replay-v0``         replay of your own table (``world={"table": path, ...}``)
+``rlrouter/ScienceWorld-v0``   ScienceWorld tasks in the real simulator (JVM), simulated executors
+``rlrouter/TextWorld-v0``      TextWorld games generated with tw-make, simulated executors
 =============================  ============================================================
 
 Every id takes the :class:`envs.routing.RoutingEnv` arguments (``budget``, ``cost_lambda``,
@@ -40,7 +42,9 @@ def make_routing_env(
     elif not isinstance(pool, Pool):
         pool = Pool.from_config(pool)
     spec = {"kind": kind, **dict(world or {})}
-    return RoutingEnv(build_world(spec, pool), pool, **env_kwargs)
+    env = RoutingEnv(build_world(spec, pool), pool, **env_kwargs)
+    env.owns_world = True  # close() closes it (a text-game world ends its game processes)
+    return env
 
 
 ENV_IDS = {
@@ -48,6 +52,8 @@ ENV_IDS = {
     "rlrouter/RouteLLM-MMLU-v0": {"kind": "replay", "world": {"source": "routellm-mmlu"}},
     "rlrouter/RouteLLM-GSM8K-v0": {"kind": "replay", "world": {"source": "routellm-gsm8k"}},
     "rlrouter/Replay-v0": {"kind": "replay", "world": {"source": "table"}},
+    "rlrouter/ScienceWorld-v0": {"kind": "scienceworld"},
+    "rlrouter/TextWorld-v0": {"kind": "textworld"},
 }
 
 

@@ -139,6 +139,9 @@ class RoutingEnv(gym.Env):
             task_id = self.task_ids[int(self.np_random.integers(len(self.task_ids)))]
         episode_seed = int(self.np_random.integers(2**31 - 1))
         self.task_id = task_id
+        if self._state is not None:
+            self.world.release(self._state)
+        self._state = None
         self._state = self.world.reset(task_id, episode_seed)
         self.ledger = CostLedger(self.pool)
         self.history: list[tuple[str, str, str]] = []  # (tier, event, observation)
@@ -188,6 +191,15 @@ class RoutingEnv(gym.Env):
         self.finished = terminated or truncated
         info = self._info(step=(tier.name, step_cost, result))
         return self._observation(), float(reward), terminated, truncated, info
+
+    def close(self):
+        """Give the episode's game session back to the world (text-game worlds), and close
+        the world when this env built it (``gymnasium.make``)."""
+        if self._state is not None:
+            self.world.release(self._state)
+        if getattr(self, "owns_world", False):
+            self.world.close()
+        super().close()
 
     def render(self):
         if self.render_mode == "ansi":

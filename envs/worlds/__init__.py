@@ -11,7 +11,7 @@ from envs.worlds.base import RouterView, StepResult, World
 from envs.worlds.replay import RecordTable, ReplayConfig, ReplayWorld, load_routellm, load_table
 from envs.worlds.synthetic import SyntheticConfig, SyntheticWorld
 
-WORLD_KINDS = ("synthetic", "replay")
+WORLD_KINDS = ("synthetic", "replay", "scienceworld", "textworld")
 
 
 @lru_cache(maxsize=4)
@@ -29,7 +29,8 @@ def _file_version(config: ReplayConfig) -> tuple | None:
 
 
 def build_world(spec: Mapping[str, Any] | None, pool: Pool, where: str = "world") -> World:
-    """``spec = {"kind": "synthetic" | "replay", ...that world's config fields}``."""
+    """``spec = {"kind": "synthetic" | "replay" | "scienceworld" | "textworld", ...that world's
+    config fields}``. The text-game worlds import their game packages only when built."""
     spec = dict(spec or {"kind": "synthetic"})
     kind = spec.pop("kind", None)
     if kind == "synthetic":
@@ -37,6 +38,14 @@ def build_world(spec: Mapping[str, Any] | None, pool: Pool, where: str = "world"
     if kind == "replay":
         config = ReplayConfig.from_dict(spec, where)
         return ReplayWorld(pool, config, table=_cached_table(config, _file_version(config)))
+    if kind == "scienceworld":
+        from envs.worlds.scienceworld import ScienceWorldConfig, ScienceWorldWorld
+
+        return ScienceWorldWorld(pool, ScienceWorldConfig.from_dict(spec, where))
+    if kind == "textworld":
+        from envs.worlds.textworld import TextWorldConfig, TextWorldWorld
+
+        return TextWorldWorld(pool, TextWorldConfig.from_dict(spec, where))
     raise ValueError(f"{where}.kind must be one of {list(WORLD_KINDS)}, got {kind!r}")
 
 

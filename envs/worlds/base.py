@@ -101,6 +101,13 @@ class World(ABC):
     def step(self, state: Any, tier: Tier) -> StepResult:
         """Let ``tier``'s model take the next agent step."""
 
+    def release(self, state: Any) -> None:
+        """The episode of ``state`` is over: give back what it holds (a game session).
+        RoutingEnv calls it before the next ``reset`` and on ``close``; default: nothing."""
+
+    def close(self) -> None:
+        """Free the world's resources (game processes); default: nothing."""
+
     def copy_state(self, state: Any) -> Any:
         """An independent copy of an episode state (for snapshots)."""
         return copy.deepcopy(state)
@@ -118,9 +125,12 @@ class World(ABC):
         return BASE_CHARSET
 
     def executor_config(self, tier: Tier, defaults: dict[str, dict]) -> dict:
-        """The tier's executor settings, falling back to per-name defaults."""
+        """The tier's executor settings, falling back to per-name defaults of the same kind."""
         config = dict(defaults.get(tier.name, {}))
-        config.update(tier.executor or {})
+        own = dict(tier.executor or {})
+        if own.get("kind", config.get("kind")) != config.get("kind"):
+            config = {}  # another kind of executor: the defaults' fields do not apply
+        config.update(own)
         return config
 
 

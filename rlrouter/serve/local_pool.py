@@ -6,7 +6,8 @@ deterministic reply per model, honours ``max_tokens`` (``finish_reason: "length"
 reports ``usage`` (prompt tokens ≈ UTF-8 bytes / 4 + 4 per message; one completion token
 per word). It can be told to misbehave: ``POST /control`` with
 ``{"model": "m", "mode": "500" | "429" | "timeout" | "ok", "count": n}`` fails the next n
-calls to ``m`` (n = -1: all of them), and ``delay_s`` adds network latency to every call.
+calls to ``m`` (n = -1: all of them), ``{"model": "m", "reply": text}`` makes ``m`` answer
+``text`` (``null``: back to its own words), and ``delay_s`` adds network latency to every call.
 ``GET /ledger`` lists every call it answered (model, tokens, status): an account of what
 was spent that is independent of the router's own.
 
@@ -39,6 +40,7 @@ def reply_words(model: str, prompt: str, n: int = 48) -> list[str]:
 def create_pool_app(api_key: str | None = None, delay_s: float = 0.0) -> FastAPI:
     app = FastAPI(title="rlrouter local pool")
     app.state.faults = {}  # model -> [mode, remaining count]
+    app.state.replies = {}  # model -> fixed reply text
     app.state.ledger = []
     app.state.delay_s = delay_s
 
@@ -47,7 +49,9 @@ def create_pool_app(api_key: str | None = None, delay_s: float = 0.0) -> FastAPI
         body = await request.json()
         if "delay_s" in body:
             app.state.delay_s = float(body["delay_s"])
-        if "model" in body:
+        if "model" in body and "reply" in body:
+            app.state.replies[body["model"]] = body["reply"]
+        elif "model" in body:
             app.state.faults[body["model"]] = [body.get("mode", "ok"), int(body.get("count", -1))]
         if body.get("reset_ledger"):
             app.state.ledger.clear()
@@ -79,7 +83,8 @@ def create_pool_app(api_key: str | None = None, delay_s: float = 0.0) -> FastAPI
                                 headers=headers)
         messages = body.get("messages") or []
         prompt = "\n".join(str(m.get("content", "")) for m in messages)
-        words = reply_words(model, prompt)
+        fixed = app.state.replies.get(model)
+        words = fixed.split(" ") if fixed else reply_words(model, prompt)
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or len(words))
         finish = "length" if max_tokens < len(words) else "stop"
         words = words[:max_tokens]

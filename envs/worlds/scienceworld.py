@@ -1,0 +1,193 @@
+"""ScienceWorld: the interactive science-experiment benchmark (one of BoPO's three), played
+for real in its JVM simulator (``pip install scienceworld``; needs Java 11+).
+
+Tasks are ``<task name>:<variation>``, with the variations of the package's own train / dev
+/ test split (``split: train`` → the package's train variations, ``test`` → its ``test``
+or ``dev`` ones, per ``test_split``). ``tasks`` names the task families (default: the ones
+whose gold path fits the paper's 40-step limit with room for errors), ``variations`` caps
+the variations per family and split. The agent sees the task description and the
+observations; progress is the game's score / 100, success is a finished task with score
+100 (a task ended below that — e.g. by focusing on the wrong object — is a fatal step).
+Executors follow the gold path the package generates for the variation (see
+:mod:`envs.worlds.textgame`); after a consequential wrong command the gold path may no
+longer apply (you walked away), as for a real agent that errs.
+
+One JVM per leased session: ``ScienceWorldEnv`` starts one (≈ 2 s), ``load`` switches it
+to another task in ≈ 0.3 s, and the world closes every JVM it started on ``close``.
+
+Reproducibility: the simulator draws parts of a variation at random on every load (which
+non-living thing the gold path picks, the order objects are listed in) from JVM state that
+depends on everything loaded before in the same JVM. The world makes an episode a function
+of (task, variation, episode seed) alone: JVMs start with identity hash codes made
+constant (``-XX:hashCode=2``, so hash-set order follows insertion) and Scala's global
+random generator is seeded with the episode seed before each load.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+from envs.pool import Pool
+from envs.worlds.base import config_from_dict
+from envs.worlds.textgame import GameObservation, TextGameWorld
+
+SHORT_TASKS = (
+    "find-living-thing", "find-non-living-thing", "find-plant", "find-animal",
+    "lifespan-longest-lived", "lifespan-shortest-lived", "lifespan-longest-lived-then-shortest-lived",
+    "chemistry-mix-paint-secondary-color", "chemistry-mix-paint-tertiary-color", "power-component",
+    "identify-life-stages-2", "chemistry-mix", "use-thermometer", "measure-melting-point-known-substance",
+)
+
+
+@dataclass(frozen=True)
+class ScienceWorldConfig:
+    """Recipe ``world:`` fields of ``kind: scienceworld``.
+
+    Attributes:
+        tasks: task families (ScienceWorld task names).
+        variations: at most this many variations per family and split (the package's order).
+        test_split: which package split ``split: test`` uses ("test" or "dev").
+        simplification: the package's simplification string ("easy": doors open, no
+            teleport needed, ...; "" for the full game).
+        max_steps: agent steps per episode (the BoPO paper uses 40).
+        history_steps / system_tokens / observation_chars / max_output_tokens: the agent
+            prompt's shape and the executors' completion cap.
+        sharpness / default_difficulty / verb_difficulty / admissible_slope /
+        p_consequential: the simulated executors (``envs.worlds.textgame``).
+    """
+
+    tasks: tuple[str, ...] = SHORT_TASKS
+    variations: int = 5
+    test_split: str = "test"
+    simplification: str = "easy"
+    max_steps: int = 40
+    history_steps: int = 8
+    system_tokens: int = 300
+    observation_chars: int = 240
+    max_output_tokens: int = 256
+    sharpness: float = 12.0
+    default_difficulty: float = 0.35
+    verb_difficulty: dict = field(default_factory=dict)
+    admissible_slope: float = 0.05
+    p_consequential: float = 0.3
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "world") -> "ScienceWorldConfig":
+        data = dict(data)
+        verbs = data.pop("verb_difficulty", None)
+        config = config_from_dict(cls, data, where, "scienceworld-world")
+        if verbs is not None:
+            if not isinstance(verbs, dict):
+                raise ValueError(f"{where}.verb_difficulty must map verbs to difficulties, e.g. {{focus: 0.6}}")
+            object.__setattr__(config, "verb_difficulty", {str(k): float(v) for k, v in verbs.items()})
+        if config.test_split not in ("test", "dev"):
+            raise ValueError(f"{where}.test_split must be 'test' or 'dev', got {config.test_split!r}")
+        if config.variations < 1 or config.max_steps < 1:
+            raise ValueError(f"{where}: variations and max_steps must be >= 1")
+        return config
+
+
+# Identity hash codes all equal: hash-set iteration order then follows insertion, not the
+# JVM's allocation history (what makes repeated loads in one JVM differ otherwise).
+DETERMINISTIC_JVM_OPTIONS = "-XX:+UnlockExperimentalVMOptions -XX:hashCode=2"
+_LAUNCH_LOCK = threading.Lock()
+
+
+class ScienceWorldSession:
+    """One JVM with one loaded task at a time, made reproducible: started with
+    ``DETERMINISTIC_JVM_OPTIONS`` and the simulator's random generator (Scala's global
+    ``Random``) seeded with the episode seed before every load."""
+
+    def __init__(self, step_limit: int):
+        try:
+            from scienceworld import ScienceWorldEnv
+        except ImportError as err:
+            raise RuntimeError("the scienceworld world needs the package: pip install scienceworld "
+                               "(and Java 11+ on PATH)") from err
+        with _LAUNCH_LOCK:  # the JVM reads its options from the environment at launch
+            before = os.environ.get("JAVA_TOOL_OPTIONS")
+            os.environ["JAVA_TOOL_OPTIONS"] = f"{before} {DETERMINISTIC_JVM_OPTIONS}" if before else \
+                DETERMINISTIC_JVM_OPTIONS
+            try:
+                self.env = ScienceWorldEnv("", envStepLimit=step_limit)
+            except Exception as err:
+                raise RuntimeError(f"could not start the ScienceWorld JVM ({err}); is Java 11+ installed "
+                                   "(java -version)?") from err
+            finally:
+                if before is None:
+                    os.environ.pop("JAVA_TOOL_OPTIONS", None)
+                else:
+                    os.environ["JAVA_TOOL_OPTIONS"] = before
+        self.random = getattr(getattr(self.env._gateway.jvm.scala.util, "Random$"), "MODULE$")
+
+    def load(self, task: str, variation: int, simplification: str, seed: int) -> None:
+        self.random.setSeed(int(seed))
+        self.env.load(task, int(variation), simplification, generateGoldPath=True)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class ScienceWorldWorld(TextGameWorld):
+    """ScienceWorld tasks played in the real simulator (module docstring)."""
+
+    name = "scienceworld"
+    harmless = "look around"
+
+    def __init__(self, pool: Pool, config: ScienceWorldConfig | None = None):
+        super().__init__(pool, config or ScienceWorldConfig())
+        self._ids: dict[str, list[str]] | None = None
+
+    def task_ids(self, split: str) -> list[str]:
+        if split not in ("train", "test"):
+            raise ValueError(f"unknown split {split!r}; the scienceworld world has 'train' and 'test'")
+        if self._ids is None:
+            self._ids = self._enumerate()
+        return list(self._ids[split])
+
+    def _enumerate(self) -> dict[str, list[str]]:
+        session = self._lease()
+        try:
+            env = session.env
+            known = set(env.get_task_names())
+            unknown = [t for t in self.config.tasks if t not in known]
+            if unknown:
+                raise ValueError(f"world.tasks: unknown ScienceWorld task(s) {unknown}; known: {sorted(known)}")
+            ids = {"train": [], "test": []}
+            for task in self.config.tasks:
+                env.load(task, 0, self.config.simplification)
+                train = env.get_variations_train()
+                test = env.get_variations_test() if self.config.test_split == "test" else env.get_variations_dev()
+                ids["train"] += [f"{task}:{v}" for v in train[: self.config.variations]]
+                ids["test"] += [f"{task}:{v}" for v in test[: self.config.variations]]
+            return ids
+        finally:
+            self.release(_Lease(session))
+
+    def _new_session(self) -> ScienceWorldSession:
+        return ScienceWorldSession(self.config.max_steps + 10)
+
+    def _start(self, session: ScienceWorldSession, task_id: str, seed: int):
+        task, _, variation = task_id.rpartition(":")
+        env = session.env
+        session.load(task, int(variation), self.config.simplification, seed)
+        plan = list(env.get_gold_action_sequence())
+        observation, info = env.reset()
+        return env.get_task_description(), self._observe(observation, info, False), plan
+
+    def _play(self, session: ScienceWorldSession, command: str) -> GameObservation:
+        observation, _, done, info = session.env.step(command)
+        return self._observe(observation, info, done)
+
+    @staticmethod
+    def _observe(text: str, info: dict, done: bool) -> GameObservation:
+        score = float(info.get("score", 0))
+        won = bool(done and score >= 100)
+        return GameObservation(text, max(0.0, score) / 100.0, bool(done) or score < 0, won, list(info.get("valid", [])))
+
+
+@dataclass
+class _Lease:
+    session: object

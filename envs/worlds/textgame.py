@@ -1,0 +1,330 @@
+"""Shared machinery of the worlds that wrap a real text game (ScienceWorld, TextWorld).
+
+A text game is played by an agent that writes one command per step. The game itself is
+real (a JVM for ScienceWorld, a Z-machine for TextWorld); what differs between tiers is the
+*executor*, the model that writes the command:
+
+- **Simulated executor** (default, CPU): at every step the game's gold command is known
+  (ScienceWorld's gold path, TextWorld's walkthrough recomputed from the current state). A
+  tier writes it with probability ``sigmoid(sharpness * (skill - difficulty))``, where the
+  step's difficulty comes from the gold command's verb (``look``/``go`` are easy, ``take``
+  is moderate, ``focus``/``mix``/``unlock`` are hard) plus ``admissible_slope`` per decade
+  of admissible commands (more choices, more ways to go wrong). Otherwise it writes a wrong
+  command: with probability ``p_consequential`` a random *admissible* command other than
+  the gold one, which the game executes with its real consequences (walking away, picking
+  the wrong thing up, focusing on the wrong object ends a ScienceWorld task), else a
+  harmless look-around that only wastes the step. Draws use common random numbers keyed
+  by ``(episode seed, agent step)``, so a stronger tier writes the gold command whenever a
+  weaker one would and a seeded episode replays exactly.
+- **OpenAI-compatible executor** (``executor: {kind: openai, endpoint, model,
+  api_key_env}``; :mod:`envs.executors`): a real LLM writes the command from a ReAct
+  prompt; tokens and cost come from the reply's ``usage``.
+
+Tokens of a simulated step: the agent's prompt (system prompt + task + the last
+``history_steps`` commands and observations + the current observation) counted with
+:func:`envs.tokens.count_tokens`, and an output drawn log-normal around the tier's
+``output_tokens_mean``. Game sessions are expensive (a JVM each), so the world leases one
+to an episode at ``reset`` and takes it back at ``release`` (RoutingEnv calls it when the
+next episode starts and on ``close``); idle sessions are reused, and ``close`` ends them all.
+Episode states hold a live game, so they cannot be copied: the hindsight oracle, which
+searches over copies, is not available in these worlds.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import re
+import string
+import threading
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from envs.pool import Pool, Tier
+from envs.tokens import count_tokens
+from envs.worlds.base import RouterView, StepResult, World
+
+PRINTABLE = set(string.printable)
+
+# Difficulty of a step by the gold command's first word; others get ``default_difficulty``.
+VERB_DIFFICULTY = {
+    **dict.fromkeys(("look", "go", "open", "close", "inventory", "examine", "wait", "wait1", "read",
+                     "teleport"), 0.10),
+    **dict.fromkeys(("take", "pick", "drop", "put", "move", "insert", "eat", "activate", "deactivate",
+                     "flush"), 0.35),
+    **dict.fromkeys(("focus", "use", "mix", "pour", "connect", "disconnect", "unlock", "lock", "cook",
+                     "slice", "chop", "dice", "plug", "dunk"), 0.60),
+}
+
+DEFAULT_TEXT_EXECUTORS = {
+    "small": {"kind": "simulated", "skill": 0.50, "output_tokens_mean": 60},
+    "large": {"kind": "simulated", "skill": 0.85, "output_tokens_mean": 90},
+}
+
+AGENT_SYSTEM_PROMPT = (
+    "You are an agent in a text environment. Each turn you see the task, your recent commands with "
+    "what they did, and the current observation. Think briefly, then reply with one line "
+    "'Action: <command>' holding exactly one command the game accepts."
+)
+
+
+def clean_text(text: str, limit: int | None = None) -> str:
+    """Printable ASCII with runs of whitespace collapsed (router prompts use that charset)."""
+    text = "".join(ch if ch in PRINTABLE else " " for ch in str(text))
+    text = re.sub(r"\s+", " ", text).strip()
+    return text if limit is None or len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+@dataclass
+class GameObservation:
+    """What the game answered to a command (or at the start)."""
+
+    text: str
+    score: float  # progress in [0, 1]
+    done: bool
+    won: bool
+    admissible: list[str]
+    plan: list[str] | None = None  # gold commands from here, where the game recomputes them
+
+
+@dataclass
+class TextGameState:
+    task_id: str
+    seed: int
+    max_steps: int
+    task_text: str
+    session: object  # the leased game session (not copyable)
+    plan: list[str]  # gold commands from the current position
+    plan_length: int  # gold commands at the start (the task's length)
+    observation: GameObservation
+    steps_taken: int = 0
+    gold_taken: int = 0
+    history: list[tuple[str, str]] = field(default_factory=list)  # (command, observation)
+    done: bool = False
+    success: bool = False
+    events: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SimulatedTextExecutor:
+    """Writes the gold command with a tier- and step-dependent probability (module docstring)."""
+
+    skill: float
+    output_tokens_mean: float = 80.0
+
+
+class TextGameWorld(World):
+    """A world over a real text game; subclasses provide sessions, tasks and the gold plan.
+
+    Subclass hooks: ``task_ids``, ``_new_session()``, ``_start(session, task_id, seed) ->
+    (task_text, GameObservation, plan)``, ``_play(session, command) -> GameObservation``
+    (its ``plan`` set where the game recomputes the gold commands, else the fixed gold path
+    advances when the gold command is played), and the class attributes ``harmless`` (the
+    look-around command) and ``name``.
+    """
+
+    harmless = "look"
+
+    def __init__(self, pool: Pool, config):
+        super().__init__(pool)
+        self.config = config
+        from envs.executors import build_executor  # executors import this module's helpers
+
+        self.executors = {tier.name: build_executor(tier, self.executor_config(tier, DEFAULT_TEXT_EXECUTORS),
+                                                    self.name) for tier in pool.tiers}
+        self._idle: list = []
+        self._leased: set[int] = set()
+        self._all: list = []
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _close_sessions, self._all)
+        atexit.register(self._finalizer)
+
+    # -- sessions ----------------------------------------------------------------------
+    def _new_session(self):
+        raise NotImplementedError
+
+    def _start(self, session, task_id: str, seed: int) -> tuple[str, GameObservation, list[str]]:
+        raise NotImplementedError
+
+    def _play(self, session, command: str) -> GameObservation:
+        raise NotImplementedError
+
+    def _lease(self):
+        with self._lock:
+            session = self._idle.pop() if self._idle else None
+        if session is None:
+            session = self._new_session()
+            with self._lock:
+                self._all.append(session)
+        with self._lock:
+            self._leased.add(id(session))
+        return session
+
+    def release(self, state) -> None:
+        session = getattr(state, "session", None)
+        if session is None:
+            return
+        state.session = None
+        with self._lock:
+            if id(session) in self._leased:
+                self._leased.discard(id(session))
+                self._idle.append(session)
+
+    def close(self) -> None:
+        """End every game session this world started (idle or leased)."""
+        self._finalizer()
+        self._idle.clear()
+        self._leased.clear()
+
+    @property
+    def open_sessions(self) -> int:
+        return len(self._all)
+
+    # -- episodes ----------------------------------------------------------------------
+    def reset(self, task_id: str, seed: int) -> TextGameState:
+        if task_id not in self._task_set():
+            raise ValueError(f"unknown {self.name} task {task_id!r}; see world.task_ids('train'|'test')")
+        session = self._lease()
+        try:
+            task_text, observation, plan = self._start(session, task_id, int(seed))
+        except Exception:
+            with self._lock:  # a session that failed to start a task is not reused
+                self._leased.discard(id(session))
+            _close_one(session)
+            raise
+        return TextGameState(task_id=task_id, seed=int(seed), max_steps=self.step_limit(len(plan)),
+                             task_text=clean_text(task_text), session=session, plan=list(plan),
+                             plan_length=max(1, len(plan)), observation=observation)
+
+    def step_limit(self, plan_length: int) -> int:
+        """Agent steps an episode may take (default: the fixed ``max_steps``)."""
+        return self.config.max_steps
+
+    def _task_set(self) -> set[str]:
+        if not hasattr(self, "_tasks_cache"):
+            self._tasks_cache = set(self.task_ids("train")) | set(self.task_ids("test"))
+        return self._tasks_cache
+
+    def router_view(self, state: TextGameState) -> RouterView:
+        text = "observation: " + clean_text(state.observation.text, self.config.observation_chars)
+        return RouterView(state.task_text, text, state.steps_taken, state.gold_taken,
+                          state.gold_taken + len(state.plan), state.max_steps)
+
+    def agent_prompt_tokens(self, state: TextGameState) -> int:
+        history = state.history[-self.config.history_steps:] if self.config.history_steps else []
+        text = " ".join(f"> {c} {o}" for c, o in history)
+        return (self.config.system_tokens + count_tokens(state.task_text) + count_tokens(text)
+                + count_tokens(state.observation.text))
+
+    def worst_case_tokens(self, state: TextGameState, tier: Tier) -> tuple[int, int]:
+        return self.executors[tier.name].worst_case_tokens(self, state)
+
+    def gold_command(self, state: TextGameState) -> str | None:
+        return state.plan[0] if state.plan else None
+
+    def difficulty(self, command: str | None, n_admissible: int) -> float:
+        c = self.config
+        verb = (command or "").split(" ", 1)[0].lower()
+        base = (c.verb_difficulty or {}).get(verb, VERB_DIFFICULTY.get(verb, c.default_difficulty))
+        return base + c.admissible_slope * math.log10(max(1, n_admissible))
+
+    def success_probability(self, state: TextGameState, tier_name: str) -> float:
+        """P(the tier's simulated executor writes the gold command now) (hidden from routers)."""
+        command = self.gold_command(state)
+        d = self.difficulty(command, len(state.observation.admissible))
+        return 1.0 / (1.0 + math.exp(-self.config.sharpness * (self.executors[tier_name].skill - d)))
+
+    def rng(self, state: TextGameState, stream: int) -> np.random.Generator:
+        return np.random.default_rng([state.seed, state.steps_taken, stream])
+
+    def simulated_command(self, state: TextGameState, tier: Tier) -> tuple[str, str]:
+        """(command, event) a simulated executor writes now: the gold one, a wrong admissible
+        one, or the harmless look-around."""
+        gold = self.gold_command(state)
+        u_correct, u_fate, u_pick = self.rng(state, 1).random(3)
+        if gold is not None and u_correct < self.success_probability(state, tier.name):
+            return gold, "ok"
+        wrong = [a for a in state.observation.admissible if a != gold]
+        if wrong and u_fate < self.config.p_consequential:
+            return sorted(wrong)[int(u_pick * len(wrong))], "wrong"
+        return self.harmless, "retry"
+
+    def step(self, state: TextGameState, tier: Tier) -> StepResult:
+        if state.done:
+            raise RuntimeError("step() called on a finished episode; reset first")
+        if state.session is None:
+            raise RuntimeError("this episode's game session was released; reset first")
+        move = self.executors[tier.name].act(self, state, tier)
+        gold = self.gold_command(state)
+        if move.command is None:  # the executor's reply had no usable command: a no-op step
+            observation, event, was_gold = state.observation, "invalid", False
+            feedback = f"invalid action: {move.note}"
+        else:
+            observation = self._play(state.session, move.command)
+            was_gold = move.command == gold
+            event = move.event or ("ok" if was_gold else "wrong")
+            feedback = observation.text
+        state.steps_taken += 1
+        if move.command is not None:
+            if observation.plan is not None:
+                state.plan = list(observation.plan)
+            elif was_gold:
+                state.plan = state.plan[1:]
+            state.gold_taken += int(was_gold)
+            state.observation = observation
+        state.history.append((move.command or "(none)", clean_text(feedback, 300)))
+        if observation.done and not observation.won:
+            event = "fatal"
+        state.events.append(event)
+        state.done = observation.done
+        state.success = observation.won
+        limit = not state.done and state.steps_taken >= state.max_steps
+        return StepResult(
+            observation=clean_text(feedback, self.config.observation_chars),
+            input_tokens=move.input_tokens,
+            output_tokens=move.output_tokens,
+            step_ok=was_gold or (event == "ok"),
+            event=event,
+            progress=float(observation.score),
+            done=state.done,
+            success=state.success,
+            step_limit_reached=limit,
+        )
+
+    def copy_state(self, state):
+        raise NotImplementedError(
+            f"{self.name} episodes hold a live game that cannot be copied, so route search (the "
+            "hindsight oracle) is not available; leave 'oracle' out of eval.policies")
+
+
+def _close_one(session) -> None:
+    try:
+        session.close()
+    except Exception:  # a session whose process is already gone
+        pass
+
+
+def _close_sessions(sessions: list) -> None:
+    while sessions:
+        _close_one(sessions.pop())
+
+
+@dataclass
+class Move:
+    """A command an executor wrote, with the tokens the call used."""
+
+    command: str | None
+    input_tokens: int
+    output_tokens: int
+    event: str | None = None
+    note: str = ""
+
+
+def simulated_move(world: TextGameWorld, state: TextGameState, tier: Tier,
+                   executor: SimulatedTextExecutor) -> Move:
+    command, event = world.simulated_command(state, tier)
+    out = executor.output_tokens_mean * world.rng(state, 2 + world.pool.index(tier.name)).lognormal(0.0, 0.35)
+    output_tokens = int(np.clip(round(out), 8, world.config.max_output_tokens))
+    return Move(command, world.agent_prompt_tokens(state), output_tokens, event)
