@@ -5,7 +5,8 @@
 - ``{kind: simulated, skill, output_tokens_mean}``: the gold command with a tier- and
   step-dependent probability (see :mod:`envs.worlds.textgame`).
 - ``{kind: openai, endpoint, model, api_key_env, max_tokens, timeout_s, max_retries,
-  retry_backoff_s, prompt_token_margin, temperature}``: a real LLM behind an
+  retry_backoff_s, prompt_token_margin, temperature, max_listed_commands,
+  constrain_to_admissible}``: a real LLM behind an
   OpenAI-compatible ``/chat/completions`` (vLLM's server, a hosted API). The prompt is
   ReAct-style: task, the last ``history_steps`` commands with what they did, the current
   observation and (when there are at most ``max_listed_commands``) the admissible commands;
@@ -18,6 +19,9 @@
   ``max_retries`` times; then, or on any other error status, the step raises
   :class:`ExecutorError` naming the tier and endpoint. The API key is read from the
   environment variable named by ``api_key_env`` at call time and never logged.
+  ``constrain_to_admissible: true`` (vLLM servers only) sends vLLM's ``structured_outputs``
+  with a choice of ``Action: <command>`` over the admissible commands, so even a small
+  model always writes a valid command (and no thought).
 
 Budgets stay hard with real executors: the worst case of a call is the prompt's token
 estimate times ``prompt_token_margin`` (default 1.5, for a tokenizer that counts more
@@ -95,6 +99,7 @@ class OpenAIExecutor:
     prompt_token_margin: float = 1.5
     temperature: float = 0.0
     max_listed_commands: int = 60
+    constrain_to_admissible: bool = False
 
     def __post_init__(self):
         if not str(self.endpoint).startswith(("http://", "https://")):
@@ -128,7 +133,10 @@ class OpenAIExecutor:
 
     def act(self, world, state, tier: Tier) -> Move:
         messages = self.messages(world, state)
-        data = self.complete(messages)
+        extra = None
+        if self.constrain_to_admissible and state.observation.admissible:
+            extra = {"structured_outputs": {"choice": [f"Action: {a}" for a in state.observation.admissible]}}
+        data = self.complete(messages, extra)
         reply = ((data.get("choices") or [{}])[0].get("message") or {}).get("content") or ""
         usage = data.get("usage") or {}
         try:
@@ -140,10 +148,10 @@ class OpenAIExecutor:
             self.invalid += 1
         return Move(command, n_in, n_out, None, why)
 
-    def complete(self, messages: list[dict]) -> dict:
+    def complete(self, messages: list[dict], extra: dict | None = None) -> dict:
         """One chat completion with bounded retries; the parsed JSON response."""
         body = json.dumps({"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
-                           "temperature": self.temperature}).encode()
+                           "temperature": self.temperature, **(extra or {})}).encode()
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if key:
@@ -189,7 +197,7 @@ class SimulatedExecutor(SimulatedTextExecutor):
 
 
 OPENAI_FIELDS = {"endpoint", "model", "api_key_env", "max_tokens", "timeout_s", "max_retries", "retry_backoff_s",
-                 "prompt_token_margin", "temperature", "max_listed_commands"}
+                 "prompt_token_margin", "temperature", "max_listed_commands", "constrain_to_admissible"}
 
 
 def build_executor(tier: Tier, spec: dict, world: str):

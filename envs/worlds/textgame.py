@@ -39,6 +39,7 @@ import string
 import threading
 import weakref
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -79,14 +80,23 @@ def clean_text(text: str, limit: int | None = None) -> str:
 
 @dataclass
 class GameObservation:
-    """What the game answered to a command (or at the start)."""
+    """What the game answered to a command (or at the start). ``admissible`` may be given as a
+    function of the game's current state, called once on first use (ScienceWorld's list costs
+    30 ms and is needed only for a wrong command); it is read only while this is the episode's
+    current observation."""
 
     text: str
     score: float  # progress in [0, 1]
     done: bool
     won: bool
-    admissible: list[str]
+    admissible_source: list[str] | Callable[[], list[str]]
     plan: list[str] | None = None  # gold commands from here, where the game recomputes them
+
+    @property
+    def admissible(self) -> list[str]:
+        if callable(self.admissible_source):
+            self.admissible_source = list(self.admissible_source())
+        return self.admissible_source
 
 
 @dataclass
@@ -224,16 +234,18 @@ class TextGameWorld(World):
     def gold_command(self, state: TextGameState) -> str | None:
         return state.plan[0] if state.plan else None
 
-    def difficulty(self, command: str | None, n_admissible: int) -> float:
+    def difficulty(self, command: str | None, observation: GameObservation) -> float:
         c = self.config
         verb = (command or "").split(" ", 1)[0].lower()
         base = (c.verb_difficulty or {}).get(verb, VERB_DIFFICULTY.get(verb, c.default_difficulty))
-        return base + c.admissible_slope * math.log10(max(1, n_admissible))
+        if not c.admissible_slope:
+            return base
+        return base + c.admissible_slope * math.log10(max(1, len(observation.admissible)))
 
     def success_probability(self, state: TextGameState, tier_name: str) -> float:
         """P(the tier's simulated executor writes the gold command now) (hidden from routers)."""
         command = self.gold_command(state)
-        d = self.difficulty(command, len(state.observation.admissible))
+        d = self.difficulty(command, state.observation)
         return 1.0 / (1.0 + math.exp(-self.config.sharpness * (self.executors[tier_name].skill - d)))
 
     def rng(self, state: TextGameState, stream: int) -> np.random.Generator:
