@@ -90,8 +90,8 @@ def main() -> int:
     print("\n| policy | success | mean cost ($) | of always-large's success | of its cost | meets target |")
     print("|---|---|---|---|---|---|")
     for t in table:
-        print(f"| {t['policy']} | {t['success']:.3f} | {t['mean_cost_usd']:.5f} | {t['success_vs_large']:.0%} | "
-              f"{t['cost_vs_large']:.0%} | {'yes' if t['meets_target'] else 'no'} |")
+        print(f"| {t['policy']} | {t['success']:.3f} | {t['mean_cost_usd']:.5f} | {t['success_vs_large']:.1%} | "
+              f"{t['cost_vs_large']:.1%} | {'yes' if t['meets_target'] else 'no'} |")
     print(f"\nRL target {'MET' if met else 'NOT met'}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": table, "violations": violations, "met": met}, indent=2))
