@@ -304,6 +304,8 @@ class RoutingEnv(gym.Env):
                 step_ok=bool(result.step_ok),
                 progress=result.progress,
             )
+            if result.executor_event is not None:  # for analysis; routers never see it
+                info["executor_event"] = result.executor_event
         return info
 
     # -- search support (hindsight oracle) -----------------------------------------

@@ -91,3 +91,40 @@ def ray_cluster():
     finally:
         ray.shutdown()
         subprocess.run([*ray_cli, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def start_http_server(command: list[str], env: dict, log_path, health_url: str, timeout_s: float = 300):
+    """Start a server process (output to ``log_path``) and wait until ``health_url`` answers
+    200; the error quotes the log's end when it exits or does not come up. Returns
+    ``(process, log file)`` for :func:`stop_http_server`."""
+    import subprocess
+    import time
+
+    import httpx
+
+    log = open(log_path, "w")
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(log_path).parent)
+    deadline = time.time() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {Path(log_path).read_text()[-3000:]}")
+        try:
+            if httpx.get(health_url, timeout=2).status_code == 200:
+                return proc, log
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server did not start: {Path(log_path).read_text()[-3000:]}")
+        time.sleep(1)
+
+
+def stop_http_server(proc, log) -> None:
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()

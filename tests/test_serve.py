@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -24,6 +22,7 @@ from rlrouter.router.prompt import step_user_message
 from rlrouter.serve.config import serve_config_from_dict
 from rlrouter.serve.local_pool import LocalPoolServer, free_port, reply_words
 from rlrouter.serve.pool_client import PoolCallError, PoolClient
+from conftest import start_http_server, stop_http_server
 from rlrouter.serve.service import (MIN_OUTPUT_TOKENS, RouterService, Spend, allowed_tiers, chat_turn_regex,
                                     input_token_bound, max_output_tokens, parse_chat_turn, route_request, step_view)
 
@@ -225,33 +224,14 @@ def served(trained, local_pool, tmp_path_factory):
                       router_max_tokens=64, default_budget={"usd": 0.02})
     (root / "pool.yaml").write_text(yaml.safe_dump(raw))
     port = free_port()
-    log = open(root / "server.log", "w")
     env = {**os.environ, "RLROUTER_TEST_KEY": SERVER_KEY, "TEST_POOL_KEY": POOL_KEY, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "rlrouter", "serve", "--checkpoint", str(trained[1]),
-                             "--pool", str(root / "pool.yaml"), "--port", str(port), "--max-model-len", "2048"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {(root / 'server.log').read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"server did not start: {(root / 'server.log').read_text()[-3000:]}")
-        time.sleep(1)
+    proc, log = start_http_server([sys.executable, "-m", "rlrouter", "serve", "--checkpoint", str(trained[1]),
+                                   "--pool", str(root / "pool.yaml"), "--port", str(port), "--max-model-len", "2048"],
+                                  env, root / "server.log", f"{base}/health")
     yield {"base": base, "log": root / "server.log", "pool": local_pool, "recipe": trained[0],
            "checkpoint": trained[1]}
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    stop_http_server(proc, log)
 
 
 @pytest.fixture()

@@ -5,6 +5,7 @@ failures; against vLLM's own OpenAI server in tests/test_serve.py's session)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import gymnasium as gym
@@ -18,6 +19,7 @@ from envs.executors import ExecutorError, OpenAIExecutor, parse_action
 from envs.pool import Pool
 from envs.worlds import build_world
 from rlrouter.serve.local_pool import LocalPoolServer
+from conftest import start_http_server, stop_http_server
 
 # A tier whose simulated executor always writes the gold command: sigmoid(12 * (50 - d)) == 1.0.
 GOLD_POOL = [
@@ -41,8 +43,9 @@ def play(env, task_id, seed, route, budget=None):
     steps = []
     while True:
         _, reward, terminated, truncated, info = env.step(route(len(steps)))
-        steps.append({k: info[k] for k in ("event", "input_tokens", "output_tokens", "step_cost_usd", "progress",
-                                           "success")} | {"obs": env.history[-1][2], "reward": reward})
+        steps.append({k: info[k] for k in ("event", "executor_event", "input_tokens", "output_tokens",
+                                           "step_cost_usd", "progress", "success")}
+                     | {"obs": env.history[-1][2], "reward": reward})
         if terminated or truncated:
             return steps, info
 
@@ -64,6 +67,7 @@ def test_textworld_walkthrough_replay_wins_in_exactly_its_length(tw_spec):
         assert walkthrough, task_id
         steps, info = play(env, task_id, 3, lambda i: 1)
         assert info["success"] and steps[-1]["progress"] == 1.0
+        assert [s["executor_event"] for s in steps] == ["gold"] * len(walkthrough)
         assert [s["event"] for s in steps] == ["ok"] * len(walkthrough)
         assert [c for c, _ in env._state.history] == walkthrough
         assert steps[-1]["reward"] == pytest.approx(1.0)  # cost_lambda 0: the success reward only
@@ -79,8 +83,16 @@ def test_textworld_seeded_simulated_executor_replays_the_same_episode(tw_spec):
         env.close()
     assert runs[0] == runs[1]
     assert len({json.dumps(r) for r in runs[0]}) > 1  # the seed matters
-    events = {s["event"] for r in runs[0] for s in r}
-    assert "ok" in events and events & {"wrong", "retry"}
+    hidden = {s["executor_event"] for r in runs[0] for s in r}
+    assert "gold" in hidden and hidden & {"wrong", "look"}
+    # the router sees only that a command was played, not whether it was the right one
+    assert {s["event"] for r in runs[0] for s in r} <= {"ok", "fatal"}
+    env = gym.make("rlrouter/TextWorld-v0", world=tw_spec, split="test").unwrapped
+    play(env, "test-1", 0, lambda i: i % 2)
+    prompt = env._prompt()
+    labels = re.findall(r"^\d+\. \[(?:small|large)\] (\w+):", prompt, re.MULTILINE)
+    assert labels and set(labels) <= {"ok", "fatal", "invalid"}
+    env.close()
 
 
 def test_textworld_config_errors_name_the_field():
@@ -330,40 +342,20 @@ def test_the_gpu_recipe_builds_its_openai_executors_without_calling_them():
 @pytest.fixture(scope="module")
 def vllm_openai_server(trained, tmp_path_factory):
     import os
-    import subprocess
     import sys
 
     from rlrouter.serve.local_pool import free_port
 
     root = tmp_path_factory.mktemp("vllm-openai")
     port = free_port()
-    log = open(root / "server.log", "w")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(trained[1]),
-                             "--served-model-name", "tiny-agent", "--host", "127.0.0.1", "--port", str(port),
-                             "--max-model-len", "2048", "--gpu-memory-utilization", "0.5", "--api-key", "vllm-key-42"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM server exited: {(root / 'server.log').read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"vLLM server did not start: {(root / 'server.log').read_text()[-3000:]}")
-        time.sleep(1)
-    yield {"base_url": f"{base}/v1", "checkpoint": trained[1]}
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    proc, log = start_http_server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                                   str(trained[1]), "--served-model-name", "tiny-agent", "--host", "127.0.0.1",
+                                   "--port", str(port), "--max-model-len", "2048", "--gpu-memory-utilization", "0.5",
+                                   "--api-key", "vllm-key-42"], env, root / "server.log",
+                                  f"http://127.0.0.1:{port}/health")
+    yield {"base_url": f"http://127.0.0.1:{port}/v1", "checkpoint": trained[1]}
+    stop_http_server(proc, log)
 
 
 @pytest.mark.slow

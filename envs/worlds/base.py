@@ -41,6 +41,7 @@ class StepResult:
     success: bool  # the task was solved (only meaningful when done)
     step_limit_reached: bool = False  # episode ran out of agent steps (truncation)
     cost_usd: float | None = None  # recorded dollar cost, where the data has one
+    executor_event: str | None = None  # hidden truth of what the executor did, where it differs from `event`
 
 
 @dataclass

@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from envs.pool import Pool
-from envs.worlds.base import config_from_dict
-from envs.worlds.textgame import GameObservation, TextGameWorld
+from envs.worlds.textgame import GameObservation, TextGameSettings, TextGameWorld
 
 SHORT_TASKS = (
     "find-living-thing", "find-non-living-thing", "find-plant", "find-animal",
@@ -42,8 +41,8 @@ SHORT_TASKS = (
 
 
 @dataclass(frozen=True)
-class ScienceWorldConfig:
-    """Recipe ``world:`` fields of ``kind: scienceworld``.
+class ScienceWorldConfig(TextGameSettings):
+    """Recipe ``world:`` fields of ``kind: scienceworld`` (and those of ``TextGameSettings``).
 
     Attributes:
         tasks: task families (ScienceWorld task names).
@@ -51,44 +50,25 @@ class ScienceWorldConfig:
         test_split: which package split ``split: test`` uses ("test" or "dev").
         simplification: the package's simplification string ("easy": doors open, no
             teleport needed, ...; "" for the full game).
-        max_steps: agent steps per episode (the BoPO paper uses 40).
-        history_steps / system_tokens / observation_chars / max_output_tokens: the agent
-            prompt's shape and the executors' completion cap.
-        sharpness / default_difficulty / verb_difficulty / admissible_slope /
-        p_consequential: the simulated executors (``envs.worlds.textgame``). The
-            admissible count adds nothing by default here: ScienceWorld lists 100-1,000
-            action-object combinations, most of them nonsense, so their number says little
-            about a step, and fetching them costs 30 ms a step.
+        max_steps: 40, the BoPO paper's step limit.
+        admissible_slope: 0 here: ScienceWorld lists 100-1,000 action-object combinations,
+            most of them nonsense, so their number says little about a step (and fetching
+            them costs 30 ms a step).
     """
 
     tasks: tuple[str, ...] = SHORT_TASKS
     variations: int = 5
     test_split: str = "test"
     simplification: str = "easy"
-    max_steps: int = 40
-    history_steps: int = 8
-    system_tokens: int = 300
-    observation_chars: int = 240
-    max_output_tokens: int = 256
-    sharpness: float = 12.0
-    default_difficulty: float = 0.35
-    verb_difficulty: dict = field(default_factory=dict)
     admissible_slope: float = 0.0
-    p_consequential: float = 0.3
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "world") -> "ScienceWorldConfig":
-        data = dict(data)
-        verbs = data.pop("verb_difficulty", None)
-        config = config_from_dict(cls, data, where, "scienceworld-world")
-        if verbs is not None:
-            if not isinstance(verbs, dict):
-                raise ValueError(f"{where}.verb_difficulty must map verbs to difficulties, e.g. {{focus: 0.6}}")
-            object.__setattr__(config, "verb_difficulty", {str(k): float(v) for k, v in verbs.items()})
+        config = cls.parse(data, where, "scienceworld-world")
         if config.test_split not in ("test", "dev"):
             raise ValueError(f"{where}.test_split must be 'test' or 'dev', got {config.test_split!r}")
-        if config.variations < 1 or config.max_steps < 1:
-            raise ValueError(f"{where}: variations and max_steps must be >= 1")
+        if config.variations < 1:
+            raise ValueError(f"{where}.variations must be >= 1, got {config.variations}")
         return config
 
 

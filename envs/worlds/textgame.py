@@ -20,6 +20,13 @@ real (a JVM for ScienceWorld, a Z-machine for TextWorld); what differs between t
   api_key_env}``; :mod:`envs.executors`): a real LLM writes the command from a ReAct
   prompt; tokens and cost come from the reply's ``usage``.
 
+What routers see of a step is what an agent framework would: the command was played
+(event ``ok``), was no command at all (``invalid``), or lost the game (``fatal``), plus the
+game's answer and score (progress in percent). Whether the command was the right one is
+the hidden truth: ``info["executor_event"]`` says ``gold``, ``wrong``, ``look`` or
+``invalid`` for analysis, and routers, prompts and baselines never read it (the
+``escalate`` baseline thus escalates only after invalid or fatal steps here).
+
 Tokens of a simulated step: the agent's prompt (system prompt + task + the last
 ``history_steps`` commands and observations + the current observation) counted with
 :func:`envs.tokens.count_tokens`, and an output drawn log-normal around the tier's
@@ -45,7 +52,7 @@ import numpy as np
 
 from envs.pool import Pool, Tier
 from envs.tokens import count_tokens
-from envs.worlds.base import RouterView, StepResult, World
+from envs.worlds.base import RouterView, StepResult, World, config_from_dict
 
 PRINTABLE = set(string.printable)
 
@@ -76,6 +83,44 @@ def clean_text(text: str, limit: int | None = None) -> str:
     text = "".join(ch if ch in PRINTABLE else " " for ch in str(text))
     text = re.sub(r"\s+", " ", text).strip()
     return text if limit is None or len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+@dataclass(frozen=True)
+class TextGameSettings:
+    """The ``world:`` fields every text-game world has.
+
+    Attributes:
+        max_steps: agent steps per episode.
+        history_steps / system_tokens / observation_chars / max_output_tokens: the agent
+            prompt's shape (recent commands kept, system-prompt size, observation characters
+            shown to the router) and the executors' completion cap.
+        sharpness / default_difficulty / verb_difficulty / admissible_slope /
+        p_consequential: the simulated executors (module docstring).
+    """
+
+    max_steps: int = 40
+    history_steps: int = 8
+    system_tokens: int = 300
+    observation_chars: int = 240
+    max_output_tokens: int = 256
+    sharpness: float = 12.0
+    default_difficulty: float = 0.35
+    verb_difficulty: dict | None = None
+    admissible_slope: float = 0.05
+    p_consequential: float = 0.3
+
+    @classmethod
+    def parse(cls, data: dict, where: str, what: str):
+        """The config from a recipe mapping; errors name ``where.<field>``."""
+        data = dict(data)
+        verbs = data.pop("verb_difficulty", None)
+        if verbs is not None and not isinstance(verbs, dict):
+            raise ValueError(f"{where}.verb_difficulty must map verbs to difficulties, e.g. {{unlock: 0.6}}")
+        config = config_from_dict(cls, data, where, what)
+        object.__setattr__(config, "verb_difficulty", {str(k): float(v) for k, v in (verbs or {}).items()})
+        if config.max_steps < 1 or config.history_steps < 0 or not 0 <= config.p_consequential <= 1:
+            raise ValueError(f"{where}: need max_steps >= 1, history_steps >= 0 and 0 <= p_consequential <= 1")
+        return config
 
 
 @dataclass
@@ -218,9 +263,11 @@ class TextGameWorld(World):
         return self._tasks_cache
 
     def router_view(self, state: TextGameState) -> RouterView:
+        # Progress as the game scores it (percent), not the gold commands taken: whether a
+        # command was the gold one is hidden from routers.
         text = "observation: " + clean_text(state.observation.text, self.config.observation_chars)
-        return RouterView(state.task_text, text, state.steps_taken, state.gold_taken,
-                          state.gold_taken + len(state.plan), state.max_steps)
+        return RouterView(state.task_text, text, state.steps_taken, round(100 * state.observation.score), 100,
+                          state.max_steps)
 
     def agent_prompt_tokens(self, state: TextGameState) -> int:
         history = state.history[-self.config.history_steps:] if self.config.history_steps else []
@@ -271,12 +318,12 @@ class TextGameWorld(World):
         move = self.executors[tier.name].act(self, state, tier)
         gold = self.gold_command(state)
         if move.command is None:  # the executor's reply had no usable command: a no-op step
-            observation, event, was_gold = state.observation, "invalid", False
+            observation, hidden, was_gold = state.observation, "invalid", False
             feedback = f"invalid action: {move.note}"
         else:
             observation = self._play(state.session, move.command)
             was_gold = move.command == gold
-            event = move.event or ("ok" if was_gold else "wrong")
+            hidden = "gold" if was_gold else ("look" if move.event == "retry" else "wrong")
             feedback = observation.text
         state.steps_taken += 1
         if move.command is not None:
@@ -287,9 +334,10 @@ class TextGameWorld(World):
             state.gold_taken += int(was_gold)
             state.observation = observation
         state.history.append((move.command or "(none)", clean_text(feedback, 300)))
-        if observation.done and not observation.won:
-            event = "fatal"
-        state.events.append(event)
+        # What an agent framework sees: the command was played ("ok"), was not a command
+        # ("invalid"), or lost the game ("fatal"). Whether it was the right command is hidden.
+        event = "invalid" if move.command is None else ("fatal" if observation.done and not observation.won else "ok")
+        state.events.append(hidden)
         state.done = observation.done
         state.success = observation.won
         limit = not state.done and state.steps_taken >= state.max_steps
@@ -297,8 +345,9 @@ class TextGameWorld(World):
             observation=clean_text(feedback, self.config.observation_chars),
             input_tokens=move.input_tokens,
             output_tokens=move.output_tokens,
-            step_ok=was_gold or (event == "ok"),
+            step_ok=event == "ok",
             event=event,
+            executor_event=hidden,
             progress=float(observation.score),
             done=state.done,
             success=state.success,

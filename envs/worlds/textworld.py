@@ -30,13 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from envs.pool import Pool
-from envs.worlds.base import config_from_dict
-from envs.worlds.textgame import GameObservation, TextGameWorld
+from envs.worlds.textgame import GameObservation, TextGameSettings, TextGameWorld
 
 
 @dataclass(frozen=True)
-class TextWorldConfig:
-    """Recipe ``world:`` fields of ``kind: textworld``.
+class TextWorldConfig(TextGameSettings):
+    """Recipe ``world:`` fields of ``kind: textworld`` (and those of ``TextGameSettings``).
 
     Attributes:
         seed: with the split and index, fixes every game.
@@ -46,10 +45,6 @@ class TextWorldConfig:
         games_dir: where generated games are cached (default ~/.cache/rlrouter/textworld).
         max_steps / min_slack / slack_fraction: agent steps per episode: the walkthrough's
             length plus max(min_slack, slack_fraction * length), at most max_steps.
-        history_steps / system_tokens / observation_chars / max_output_tokens: the agent
-            prompt's shape and the executors' completion cap.
-        sharpness / default_difficulty / verb_difficulty / admissible_slope /
-        p_consequential: the simulated executors (``envs.worlds.textgame``).
     """
 
     seed: int = 0
@@ -57,33 +52,19 @@ class TextWorldConfig:
     n_test: int = 12
     world_size: int = 6
     nb_objects: int = 12
-    quest_lengths: tuple[int, ...] = (3, 6, 9)
+    quest_lengths: tuple[int, ...] = (3, 6, 12)
     games_dir: str | None = None
     max_steps: int = 30
     min_slack: int = 2
-    slack_fraction: float = 0.5
-    history_steps: int = 8
-    system_tokens: int = 300
-    observation_chars: int = 240
-    max_output_tokens: int = 256
-    sharpness: float = 12.0
-    default_difficulty: float = 0.35
-    verb_difficulty: dict | None = None
-    admissible_slope: float = 0.05
-    p_consequential: float = 0.3
+    slack_fraction: float = 0.3
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "world") -> "TextWorldConfig":
-        data = dict(data)
-        verbs = data.pop("verb_difficulty", None)
-        config = config_from_dict(cls, data, where, "textworld-world")
-        if verbs is not None and not isinstance(verbs, dict):
-            raise ValueError(f"{where}.verb_difficulty must map verbs to difficulties, e.g. {{unlock: 0.6}}")
-        object.__setattr__(config, "verb_difficulty", {str(k): float(v) for k, v in (verbs or {}).items()})
+        config = cls.parse(data, where, "textworld-world")
         if not config.quest_lengths or min(config.quest_lengths) < 1:
             raise ValueError(f"{where}.quest_lengths must list quest lengths >= 1, got {config.quest_lengths}")
-        if config.world_size < 1 or config.nb_objects < 1 or config.max_steps < 1:
-            raise ValueError(f"{where}: world_size, nb_objects and max_steps must be >= 1")
+        if config.world_size < 1 or config.nb_objects < 1:
+            raise ValueError(f"{where}: world_size and nb_objects must be >= 1")
         return config
 
     @property
