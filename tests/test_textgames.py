@@ -168,6 +168,43 @@ def test_scienceworld_close_ends_the_jvms():
     del b
 
 
+DEAD_JVM_SCRIPT = """
+import json
+from envs.pool import Pool
+from envs.worlds import build_world
+world = build_world({"kind": "scienceworld", "tasks": ["find-non-living-thing"], "variations": 1}, Pool.default())
+state = world.reset(world.task_ids("test")[0], 0)
+state.session.env._gateway.java_process.kill()
+state.session.env._gateway.java_process.wait()
+try:
+    world.step(state, world.pool.tiers[0])
+    error = None
+except RuntimeError as err:
+    error = str(err)
+after = world.open_sessions
+fresh = world.reset(world.task_ids("test")[0], 0)
+tokens = world.step(fresh, world.pool.tiers[1]).input_tokens
+print(json.dumps({"error": error, "after": after, "tokens": tokens, "sessions": world.open_sessions}))
+world.close()
+"""
+
+
+@pytest.mark.slow
+def test_scienceworld_a_dead_jvm_gives_a_clear_error_and_is_not_reused():
+    # In a child process: py4j's teardown after a killed JVM trips a CPython 3.11 bug
+    # ("AST constructor recursion depth mismatch") in a later compile of the host process.
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", DEAD_JVM_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert re.search(r"scienceworld: the game failed while .* its session was closed, reset to start a new episode",
+                     result["error"])
+    assert result["after"] == 0  # the dead session is not reused
+    assert result["tokens"] > 0 and result["sessions"] == 1  # the next episode got a new JVM
+
+
 def test_scienceworld_unknown_task_is_named():
     world = build_world({"kind": "scienceworld", "tasks": ["boil-the-ocean"]}, Pool.default())
     try:

@@ -30,7 +30,7 @@ import threading
 from dataclasses import dataclass
 
 from envs.pool import Pool
-from envs.worlds.textgame import GameObservation, TextGameSettings, TextGameWorld
+from envs.worlds.textgame import GameObservation, TextGameSettings, TextGameWorld, _Lease
 
 SHORT_TASKS = (
     "find-living-thing", "find-non-living-thing", "find-plant", "find-animal",
@@ -103,10 +103,10 @@ class ScienceWorldSession:
                     os.environ.pop("JAVA_TOOL_OPTIONS", None)
                 else:
                     os.environ["JAVA_TOOL_OPTIONS"] = before
-        self.random = getattr(getattr(self.env._gateway.jvm.scala.util, "Random$"), "MODULE$")
 
     def load(self, task: str, variation: int, simplification: str, seed: int) -> None:
-        self.random.setSeed(int(seed))
+        # Scala's global generator, seeded so that the load is a function of the seed alone
+        getattr(getattr(self.env._gateway.jvm.scala.util, "Random$"), "MODULE$").setSeed(int(seed))
         self.env.load(task, int(variation), simplification, generateGoldPath=True)
 
     def step(self, command: str) -> tuple[str, int, bool]:
@@ -121,7 +121,16 @@ class ScienceWorldSession:
         return list(self.env.server.getValidActionObjectCombinations())
 
     def close(self) -> None:
-        self.env.close()
+        gateway = self.env._gateway
+        try:
+            self.env.close()
+        except Exception:  # the JVM is already gone: close the Python side of the bridge below
+            pass
+        finally:
+            try:
+                gateway.close(keep_callback_server=False, close_callback_server_connections=True)
+            except Exception:
+                pass
 
 
 class ScienceWorldWorld(TextGameWorld):
@@ -177,8 +186,3 @@ class ScienceWorldWorld(TextGameWorld):
     @staticmethod
     def _observe(session: ScienceWorldSession, text: str, score: int, done: bool) -> GameObservation:
         return GameObservation(text, max(0, score) / 100.0, done, done and score >= 100, session.admissible)
-
-
-@dataclass
-class _Lease:
-    session: object

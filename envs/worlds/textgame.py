@@ -227,6 +227,15 @@ class TextGameWorld(World):
                 self._leased.discard(id(session))
                 self._idle.append(session)
 
+    def _discard(self, state) -> None:
+        """Close the episode's session instead of reusing it (its game failed)."""
+        session, state.session = state.session, None
+        with self._lock:
+            self._leased.discard(id(session))
+            if session in self._all:
+                self._all.remove(session)
+        _close_one(session)
+
     def close(self) -> None:
         """End every game session this world started (idle or leased)."""
         self._finalizer()
@@ -244,11 +253,10 @@ class TextGameWorld(World):
         session = self._lease()
         try:
             task_text, observation, plan = self._start(session, task_id, int(seed))
-        except Exception:
-            with self._lock:  # a session that failed to start a task is not reused
-                self._leased.discard(id(session))
-            _close_one(session)
-            raise
+        except Exception as err:  # a session that failed to start a task is not reused
+            self._discard(_Lease(session))
+            raise RuntimeError(f"{self.name}: could not start task {task_id} ({type(err).__name__}: {err}); "
+                               "its session was closed") from err
         return TextGameState(task_id=task_id, seed=int(seed), max_steps=self.step_limit(len(plan)),
                              task_text=clean_text(task_text), session=session, plan=list(plan),
                              plan_length=max(1, len(plan)), observation=observation)
@@ -315,13 +323,25 @@ class TextGameWorld(World):
             raise RuntimeError("step() called on a finished episode; reset first")
         if state.session is None:
             raise RuntimeError("this episode's game session was released; reset first")
-        move = self.executors[tier.name].act(self, state, tier)
+        from envs.executors import ExecutorError
+
         gold = self.gold_command(state)
+        move = None
+        try:
+            move = self.executors[tier.name].act(self, state, tier)  # may read the game's admissible commands
+            observation = None if move.command is None else self._play(state.session, move.command)
+        except ExecutorError:
+            raise
+        except Exception as err:
+            self._discard(state)
+            doing = f"playing {move.command!r}" if move is not None else "reading its state"
+            raise RuntimeError(f"{self.name}: the game failed while {doing} in task {state.task_id} "
+                               f"({type(err).__name__}: {err}); its session was closed, reset to start a new "
+                               "episode") from err
         if move.command is None:  # the executor's reply had no usable command: a no-op step
             observation, hidden, was_gold = state.observation, "invalid", False
             feedback = f"invalid action: {move.note}"
         else:
-            observation = self._play(state.session, move.command)
             was_gold = move.command == gold
             hidden = "gold" if was_gold else ("look" if move.event == "retry" else "wrong")
             feedback = observation.text
@@ -370,6 +390,11 @@ def _close_one(session) -> None:
 def _close_sessions(sessions: list) -> None:
     while sessions:
         _close_one(sessions.pop())
+
+
+@dataclass
+class _Lease:
+    session: object
 
 
 @dataclass
