@@ -95,6 +95,27 @@ def test_textworld_seeded_simulated_executor_replays_the_same_episode(tw_spec):
     env.close()
 
 
+@pytest.mark.slow
+def test_textworld_sessions_are_capped_and_finished_episodes_give_theirs_back(tw_spec, trained):
+    from envs.routing import RoutingEnv
+    from rlrouter.router.checkpoint import load_checkpoint
+    from rlrouter.router.policy import RouterPolicy
+
+    world = build_world({"kind": "textworld", **tw_spec, "max_sessions": 2}, Pool.default())
+    a, b = world.reset("test-0", 0), world.reset("test-1", 0)
+    with pytest.raises(RuntimeError, match=r"2 game sessions are live \(world.max_sessions\); play fewer episodes"):
+        world.reset("test-2", 0)
+    world.release(a)
+    world.release(b)
+    # a router plays 6 episodes, 2 at a time: each finished episode's env gives its session back
+    model, tokenizer, _ = load_checkpoint(trained[1], world.pool.names)
+    router = RouterPolicy(model, tokenizer, world.pool.names, max_new_tokens=32, batch_size=2)
+    records = router.evaluate(lambda: RoutingEnv(world, world.pool), ["test-0", "test-1", "test-2"],
+                              [Budget(), Budget.from_dict({"large_calls": 1})], seed=0, progress=False)
+    assert len(records) == 6 and world.open_sessions == 2
+    world.close()
+
+
 def test_textworld_config_errors_name_the_field():
     pool = Pool.default()
     with pytest.raises(ValueError, match=r"world: unknown textworld-world field\(s\) \['quest_len'\]"):

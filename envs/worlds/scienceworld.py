@@ -51,6 +51,8 @@ class ScienceWorldConfig(TextGameSettings):
         simplification: the package's simplification string ("easy": doors open, no
             teleport needed, ...; "" for the full game).
         max_steps: 40, the BoPO paper's step limit.
+        max_sessions: 8 JVMs at most (each ≈ 350 MB resident with the default heap).
+        jvm_heap_mb: each JVM's maximum heap (-Xmx); the default tasks run in 256.
         admissible_slope: 0 here: ScienceWorld lists 100-1,000 action-object combinations,
             most of them nonsense, so their number says little about a step (and fetching
             them costs 30 ms a step).
@@ -61,6 +63,8 @@ class ScienceWorldConfig(TextGameSettings):
     test_split: str = "test"
     simplification: str = "easy"
     admissible_slope: float = 0.0
+    max_sessions: int = 8
+    jvm_heap_mb: int = 384
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "world") -> "ScienceWorldConfig":
@@ -69,6 +73,8 @@ class ScienceWorldConfig(TextGameSettings):
             raise ValueError(f"{where}.test_split must be 'test' or 'dev', got {config.test_split!r}")
         if config.variations < 1:
             raise ValueError(f"{where}.variations must be >= 1, got {config.variations}")
+        if config.jvm_heap_mb < 128:
+            raise ValueError(f"{where}.jvm_heap_mb must be >= 128, got {config.jvm_heap_mb}")
         return config
 
 
@@ -83,7 +89,7 @@ class ScienceWorldSession:
     ``DETERMINISTIC_JVM_OPTIONS`` and the simulator's random generator (Scala's global
     ``Random``) seeded with the episode seed before every load."""
 
-    def __init__(self, step_limit: int):
+    def __init__(self, step_limit: int, heap_mb: int = 384):
         try:
             from scienceworld import ScienceWorldEnv
         except ImportError as err:
@@ -91,8 +97,8 @@ class ScienceWorldSession:
                                "(and Java 11+ on PATH)") from err
         with _LAUNCH_LOCK:  # the JVM reads its options from the environment at launch
             before = os.environ.get("JAVA_TOOL_OPTIONS")
-            os.environ["JAVA_TOOL_OPTIONS"] = f"{before} {DETERMINISTIC_JVM_OPTIONS}" if before else \
-                DETERMINISTIC_JVM_OPTIONS
+            options = f"{DETERMINISTIC_JVM_OPTIONS} -Xmx{int(heap_mb)}m -XX:+UseSerialGC"
+            os.environ["JAVA_TOOL_OPTIONS"] = f"{before} {options}" if before else options
             try:
                 self.env = ScienceWorldEnv("", envStepLimit=step_limit)
             except Exception as err:
@@ -170,7 +176,7 @@ class ScienceWorldWorld(TextGameWorld):
             self.release(_Lease(session))
 
     def _new_session(self) -> ScienceWorldSession:
-        return ScienceWorldSession(self.config.max_steps + 10)
+        return ScienceWorldSession(self.config.max_steps + 10, self.config.jvm_heap_mb)
 
     def _start(self, session: ScienceWorldSession, task_id: str, seed: int):
         task, _, variation = task_id.rpartition(":")

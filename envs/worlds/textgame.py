@@ -91,6 +91,8 @@ class TextGameSettings:
 
     Attributes:
         max_steps: agent steps per episode.
+        max_sessions: live game sessions at most (episodes played at once); one more is a
+            clear error instead of a machine out of memory.
         history_steps / system_tokens / observation_chars / max_output_tokens: the agent
             prompt's shape (recent commands kept, system-prompt size, observation characters
             shown to the router) and the executors' completion cap.
@@ -99,6 +101,7 @@ class TextGameSettings:
     """
 
     max_steps: int = 40
+    max_sessions: int = 64
     history_steps: int = 8
     system_tokens: int = 300
     observation_chars: int = 240
@@ -210,6 +213,11 @@ class TextGameWorld(World):
         with self._lock:
             session = self._idle.pop() if self._idle else None
         if session is None:
+            if len(self._all) >= self.config.max_sessions:
+                raise RuntimeError(
+                    f"{self.name}: {len(self._all)} game sessions are live (world.max_sessions); play fewer "
+                    "episodes at once (more rl.rollout_shards, a smaller router.batch_size) or raise "
+                    "world.max_sessions if the machine has the memory")
             session = self._new_session()
             with self._lock:
                 self._all.append(session)

@@ -284,6 +284,7 @@ def play_episodes(engine, make_env: Callable[[], RoutingEnv], specs: list[Episod
             env_s += time.perf_counter() - env_start
             if terminated or truncated:
                 rollouts[i].info = infos[i]
+                envs[i].close()  # gives a text game's session back for the next episodes
                 bar.update(1)
                 continue
             if prompt_mode == "episode":
