@@ -137,6 +137,12 @@ class ScienceWorldSession:
                 gateway.close(keep_callback_server=False, close_callback_server_connections=True)
             except Exception:
                 pass
+            # Wait for the JVM to exit: the package's __del__ closes again later and writes to
+            # the process's stdin while it still runs (a BrokenPipe traceback at exit otherwise).
+            try:
+                gateway.java_process.wait(timeout=10)
+            except Exception:
+                gateway.java_process.kill()
 
 
 class ScienceWorldWorld(TextGameWorld):

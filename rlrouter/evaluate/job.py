@@ -44,6 +44,7 @@ def eval_recipe(recipe: Recipe, budgets: list[Budget] | None = None, tasks: int 
                   oracle_max_expansions=cfg.oracle_max_expansions)
     policy_objs = make_baselines(names, len(recipe.pool), **kwargs)
     records, timing = evaluate(env, policy_objs, task_ids, budgets, seed=seed, taxonomy=labels, progress=progress)
+    env.close()  # hands a text game's session back before the routers play (the world stays open)
     checkpoints = {} if checkpoint is None else (checkpoint if isinstance(checkpoint, dict)
                                                  else {"router": checkpoint})
     for label, path in checkpoints.items():
