@@ -38,9 +38,11 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
+import numpy as np
+
 from envs.pool import Tier
 from envs.tokens import count_tokens
-from envs.worlds.textgame import AGENT_SYSTEM_PROMPT, Move, SimulatedTextExecutor, simulated_move
+from envs.worlds.textgame import AGENT_SYSTEM_PROMPT, Move
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_S = 10.0
@@ -67,6 +69,15 @@ def error_message(status: int, body: bytes | str | None) -> str:
     except (ValueError, AttributeError):
         message = None
     return f"HTTP {status}" + (f": {str(message)[:200]}" if message else "")
+
+
+def usage_tokens(data: dict) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of an OpenAI-style response's ``usage``; None without one."""
+    usage = data.get("usage") or {}
+    try:
+        return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def parse_action(reply: str, admissible: list[str]) -> tuple[str | None, str]:
@@ -138,11 +149,7 @@ class OpenAIExecutor:
             extra = {"structured_outputs": {"choice": [f"Action: {a}" for a in state.observation.admissible]}}
         data = self.complete(messages, extra)
         reply = ((data.get("choices") or [{}])[0].get("message") or {}).get("content") or ""
-        usage = data.get("usage") or {}
-        try:
-            n_in, n_out = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
-        except (KeyError, TypeError, ValueError):
-            n_in, n_out = self.worst_case_tokens(world, state)
+        n_in, n_out = usage_tokens(data) or self.worst_case_tokens(world, state)
         command, why = parse_action(reply, state.observation.admissible)
         if command is None:
             self.invalid += 1
@@ -188,9 +195,20 @@ class OpenAIExecutor:
                             f"{failures[-1]}")
 
 
-class SimulatedExecutor(SimulatedTextExecutor):
+@dataclass(frozen=True)
+class SimulatedExecutor:
+    """Writes the gold command with a tier- and step-dependent probability
+    (:meth:`envs.worlds.textgame.TextGameWorld.simulated_command`); the output is drawn
+    log-normal around ``output_tokens_mean``."""
+
+    skill: float
+    output_tokens_mean: float = 80.0
+
     def act(self, world, state, tier: Tier) -> Move:
-        return simulated_move(world, state, tier, self)
+        command, event = world.simulated_command(state, tier)
+        out = self.output_tokens_mean * world.rng(state, 2 + world.pool.index(tier.name)).lognormal(0.0, 0.35)
+        output_tokens = int(np.clip(round(out), 8, world.config.max_output_tokens))
+        return Move(command, world.agent_prompt_tokens(state), output_tokens, event)
 
     def worst_case_tokens(self, world, state) -> tuple[int, int]:
         return world.agent_prompt_tokens(state), world.config.max_output_tokens

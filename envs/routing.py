@@ -79,6 +79,7 @@ class RoutingEnv(gym.Env):
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    owns_world = False  # set by make_routing_env: close() then closes the world too
 
     def __init__(
         self,
@@ -197,7 +198,7 @@ class RoutingEnv(gym.Env):
         the world when this env built it (``gymnasium.make``)."""
         if self._state is not None:
             self.world.release(self._state)
-        if getattr(self, "owns_world", False):
+        if self.owns_world:
             self.world.close()
         super().close()
 

@@ -30,7 +30,7 @@ import threading
 from dataclasses import dataclass
 
 from envs.pool import Pool
-from envs.worlds.textgame import GameObservation, TextGameSettings, TextGameWorld, _Lease
+from envs.worlds.textgame import GameObservation, TextGameSettings, TextGameWorld
 
 SHORT_TASKS = (
     "find-living-thing", "find-non-living-thing", "find-plant", "find-animal",
@@ -179,7 +179,7 @@ class ScienceWorldWorld(TextGameWorld):
                 ids["test"] += [f"{task}:{v}" for v in test[: self.config.variations]]
             return ids
         finally:
-            self.release(_Lease(session))
+            self._give_back(session)
 
     def _new_session(self) -> ScienceWorldSession:
         return ScienceWorldSession(self.config.max_steps + 10, self.config.jvm_heap_mb)

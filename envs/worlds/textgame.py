@@ -155,22 +155,11 @@ class TextGameState:
     task_text: str
     session: object  # the leased game session (not copyable)
     plan: list[str]  # gold commands from the current position
-    plan_length: int  # gold commands at the start (the task's length)
     observation: GameObservation
     steps_taken: int = 0
-    gold_taken: int = 0
     history: list[tuple[str, str]] = field(default_factory=list)  # (command, observation)
     done: bool = False
     success: bool = False
-    events: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class SimulatedTextExecutor:
-    """Writes the gold command with a tier- and step-dependent probability (module docstring)."""
-
-    skill: float
-    output_tokens_mean: float = 80.0
 
 
 class TextGameWorld(World):
@@ -195,6 +184,7 @@ class TextGameWorld(World):
         self._idle: list = []
         self._leased: set[int] = set()
         self._all: list = []
+        self._tasks: set[str] | None = None
         self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _close_sessions, self._all)
         atexit.register(self._finalizer)
@@ -226,18 +216,18 @@ class TextGameWorld(World):
         return session
 
     def release(self, state) -> None:
-        session = getattr(state, "session", None)
-        if session is None:
-            return
-        state.session = None
+        session, state.session = getattr(state, "session", None), None
+        if session is not None:
+            self._give_back(session)
+
+    def _give_back(self, session) -> None:
         with self._lock:
             if id(session) in self._leased:
                 self._leased.discard(id(session))
                 self._idle.append(session)
 
-    def _discard(self, state) -> None:
-        """Close the episode's session instead of reusing it (its game failed)."""
-        session, state.session = state.session, None
+    def _discard(self, session) -> None:
+        """Close a session instead of reusing it (its game failed)."""
         with self._lock:
             self._leased.discard(id(session))
             if session in self._all:
@@ -262,21 +252,21 @@ class TextGameWorld(World):
         try:
             task_text, observation, plan = self._start(session, task_id, int(seed))
         except Exception as err:  # a session that failed to start a task is not reused
-            self._discard(_Lease(session))
+            self._discard(session)
             raise RuntimeError(f"{self.name}: could not start task {task_id} ({type(err).__name__}: {err}); "
                                "its session was closed") from err
         return TextGameState(task_id=task_id, seed=int(seed), max_steps=self.step_limit(len(plan)),
                              task_text=clean_text(task_text), session=session, plan=list(plan),
-                             plan_length=max(1, len(plan)), observation=observation)
+                             observation=observation)
 
     def step_limit(self, plan_length: int) -> int:
         """Agent steps an episode may take (default: the fixed ``max_steps``)."""
         return self.config.max_steps
 
     def _task_set(self) -> set[str]:
-        if not hasattr(self, "_tasks_cache"):
-            self._tasks_cache = set(self.task_ids("train")) | set(self.task_ids("test"))
-        return self._tasks_cache
+        if self._tasks is None:
+            self._tasks = set(self.task_ids("train")) | set(self.task_ids("test"))
+        return self._tasks
 
     def router_view(self, state: TextGameState) -> RouterView:
         # Progress as the game scores it (percent), not the gold commands taken: whether a
@@ -315,16 +305,16 @@ class TextGameWorld(World):
         return np.random.default_rng([state.seed, state.steps_taken, stream])
 
     def simulated_command(self, state: TextGameState, tier: Tier) -> tuple[str, str]:
-        """(command, event) a simulated executor writes now: the gold one, a wrong admissible
-        one, or the harmless look-around."""
+        """(command, what it is) a simulated executor writes now: the ``gold`` one, a
+        ``wrong`` admissible one, or the harmless ``look``-around."""
         gold = self.gold_command(state)
         u_correct, u_fate, u_pick = self.rng(state, 1).random(3)
         if gold is not None and u_correct < self.success_probability(state, tier.name):
-            return gold, "ok"
+            return gold, "gold"
         wrong = [a for a in state.observation.admissible if a != gold]
         if wrong and u_fate < self.config.p_consequential:
             return sorted(wrong)[int(u_pick * len(wrong))], "wrong"
-        return self.harmless, "retry"
+        return self.harmless, "look"
 
     def step(self, state: TextGameState, tier: Tier) -> StepResult:
         if state.done:
@@ -341,31 +331,28 @@ class TextGameWorld(World):
         except ExecutorError:
             raise
         except Exception as err:
-            self._discard(state)
+            session, state.session = state.session, None
+            self._discard(session)
             doing = f"playing {move.command!r}" if move is not None else "reading its state"
             raise RuntimeError(f"{self.name}: the game failed while {doing} in task {state.task_id} "
                                f"({type(err).__name__}: {err}); its session was closed, reset to start a new "
                                "episode") from err
         if move.command is None:  # the executor's reply had no usable command: a no-op step
-            observation, hidden, was_gold = state.observation, "invalid", False
+            observation, hidden = state.observation, "invalid"
             feedback = f"invalid action: {move.note}"
         else:
-            was_gold = move.command == gold
-            hidden = "gold" if was_gold else ("look" if move.event == "retry" else "wrong")
+            hidden = "gold" if move.command == gold else (move.event or "wrong")
             feedback = observation.text
-        state.steps_taken += 1
-        if move.command is not None:
             if observation.plan is not None:
                 state.plan = list(observation.plan)
-            elif was_gold:
+            elif hidden == "gold":
                 state.plan = state.plan[1:]
-            state.gold_taken += int(was_gold)
             state.observation = observation
+        state.steps_taken += 1
         state.history.append((move.command or "(none)", clean_text(feedback, 300)))
         # What an agent framework sees: the command was played ("ok"), was not a command
         # ("invalid"), or lost the game ("fatal"). Whether it was the right command is hidden.
         event = "invalid" if move.command is None else ("fatal" if observation.done and not observation.won else "ok")
-        state.events.append(hidden)
         state.done = observation.done
         state.success = observation.won
         limit = not state.done and state.steps_taken >= state.max_steps
@@ -401,24 +388,11 @@ def _close_sessions(sessions: list) -> None:
 
 
 @dataclass
-class _Lease:
-    session: object
-
-
-@dataclass
 class Move:
     """A command an executor wrote, with the tokens the call used."""
 
     command: str | None
     input_tokens: int
     output_tokens: int
-    event: str | None = None
-    note: str = ""
-
-
-def simulated_move(world: TextGameWorld, state: TextGameState, tier: Tier,
-                   executor: SimulatedTextExecutor) -> Move:
-    command, event = world.simulated_command(state, tier)
-    out = executor.output_tokens_mean * world.rng(state, 2 + world.pool.index(tier.name)).lognormal(0.0, 0.35)
-    output_tokens = int(np.clip(round(out), 8, world.config.max_output_tokens))
-    return Move(command, world.agent_prompt_tokens(state), output_tokens, event)
+    event: str | None = None  # what a simulated executor knows it wrote: "gold", "wrong" or "look"
+    note: str = ""  # why there is no command

@@ -16,10 +16,9 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
+from envs.executors import RETRYABLE_STATUS, error_message, retry_after_seconds, usage_tokens
 from rlrouter.serve.config import ServeConfig
 
-RETRYABLE_STATUS = {429, 500, 502, 503, 504}
-MAX_RETRY_AFTER_S = 10.0
 
 
 @dataclass
@@ -101,10 +100,10 @@ class PoolClient:
                         return reply
                     attempts.append(Attempt(tier, 200, "malformed response (no choices[0].message.content)", seconds))
                     break
-                attempts.append(Attempt(tier, response.status_code, _error_text(response), seconds))
+                attempts.append(Attempt(tier, response.status_code, error_message(response.status_code, response.content), seconds))
                 if response.status_code not in RETRYABLE_STATUS:
                     break
-                retry_after = _retry_after(response)
+                retry_after = retry_after_seconds(response.headers.get("retry-after"))
             if k < endpoint.max_retries:
                 self._count(tier, "retry")
                 await asyncio.sleep(retry_after if retry_after is not None
@@ -119,12 +118,9 @@ class PoolClient:
             text = choice["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):
             return None
-        usage = data.get("usage") or {}
-        try:
-            n_in, n_out = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
-            estimated = False
-        except (KeyError, TypeError, ValueError):
-            n_in, n_out, estimated = input_bound, max_tokens, True
+        counted = usage_tokens(data)
+        n_in, n_out = counted or (input_bound, max_tokens)
+        estimated = counted is None
         return PoolReply(tier, text, n_in, n_out, price.cost_usd(n_in, n_out), choice.get("finish_reason") or "stop",
                          estimated)
 
@@ -132,19 +128,3 @@ class PoolClient:
         if self.metrics is not None:
             self.metrics.pool_calls.labels(tier=tier, outcome=outcome).inc()
 
-
-def _error_text(response: httpx.Response) -> str:
-    try:
-        message = response.json().get("error", {})
-        message = message.get("message") if isinstance(message, dict) else message
-    except (ValueError, AttributeError):
-        message = None
-    return f"HTTP {response.status_code}" + (f": {str(message)[:200]}" if message else "")
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    try:
-        return min(max(float(value), 0.0), MAX_RETRY_AFTER_S) if value is not None else None
-    except ValueError:
-        return None
