@@ -311,6 +311,35 @@ def test_a_seeded_short_run_raises_the_mean_reward(trained, tmp_path, algorithm)
     assert after > before + 0.05, (before, after)
 
 
+@pytest.mark.slow
+def test_sequences_without_advantage_skip_the_update_and_the_gradient_is_the_same(trained, tmp_path):
+    from rlrouter.pipeline import build_rl_trainer
+
+    recipe = rl_recipe(trained, tmp_path, credit="tree", tasks_per_iteration=4)
+    trainer = build_rl_trainer(recipe, trained[1], tmp_path / "rl")
+    rng = np.random.default_rng(0)
+    groups = trainer.sample_groups(rng)
+    specs = [spec for group in groups for spec, _ in group]
+    flat, _ = trainer.rollouts.play(specs, trainer.seed, 0, 1.0)
+    played = [flat[g * 4:(g + 1) * 4] for g in range(len(groups))]
+    _, advantages = trainer.score(groups, played)
+    batch = trainer.build_batch(flat)
+    batch.set_advantages([a for group in advantages for a in group])
+    start = copy.deepcopy((trainer.model.state_dict(), trainer.optimizer.state_dict()))
+    results = {}
+    for skip in (True, False):
+        trainer.model.load_state_dict(start[0])
+        trainer.optimizer.load_state_dict(copy.deepcopy(start[1]))
+        trainer.skip_zero_advantage = skip
+        stats = trainer.update(batch, np.random.default_rng(1))
+        results[skip] = (stats["trained_fraction"], {k: v.clone() for k, v in trainer.model.state_dict().items()})
+    assert 0 < results[True][0] < 1 and results[False][0] == 1.0  # tree credit left some turns at 0
+    moved = [k for k, v in results[False][1].items() if not torch.equal(v, start[0][k])]
+    assert moved
+    for key in moved:
+        torch.testing.assert_close(results[True][1][key], results[False][1][key], rtol=1e-5, atol=1e-6)
+
+
 def _metrics_without_timing(path: Path) -> list[dict]:
     """The logged metrics without wall-clock fields (seconds, rates: every key ending in ``_s``)."""
     return [{k: v for k, v in json.loads(line).items() if not k.endswith("_s")}

@@ -16,7 +16,7 @@ from rlrouter.config import recipe_from_dict
 from rlrouter.router.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from rlrouter.router.model import TinyRouterConfig
 from rlrouter.router.policy import RouteConstraint, RouterPolicy
-from rlrouter.router.prompt import first_user_message, parse_strict, system_message
+from rlrouter.router.prompt import batch_prompt_token_ids, first_user_message, parse_strict, system_message
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,6 +152,19 @@ def test_route_constraint_keeps_the_turn_in_the_strict_format_with_allowed_tiers
     free = proc(torch.tensor([[1, 1, 2]]), torch.zeros(1, len(vocab)))
     # think text may not end the turn, nor contain '<' (other than </think>)
     assert torch.isinf(free[0]).nonzero().flatten().tolist() == [0, 1, 5, 6, 10]
+
+
+@pytest.mark.slow
+def test_batched_prompt_ids_equal_each_prompt_tokenized_alone(trained):
+    _, path = trained
+    _, tokenizer, _ = load_checkpoint(path)
+    convs = first_turns(5)
+    convs[2] = [convs[2][0], {"role": "user", "content": "short"}]  # rows of different lengths: no padding
+    alone = [tokenizer(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
+                       add_special_tokens=False)["input_ids"] for c in convs]
+    assert batch_prompt_token_ids(tokenizer, convs) == alone
+    assert len({len(ids) for ids in alone}) > 1
+    assert batch_prompt_token_ids(tokenizer, []) == []
 
 
 @pytest.mark.slow

@@ -44,9 +44,9 @@ from tqdm.auto import tqdm
 
 from envs.budget import Budget
 from envs.routing import RoutingEnv, nearest_allowed
-from rlrouter.router.prompt import (RouteFormatError, feedback_user_message, first_user_message, parse_strict,
-                                    parse_tolerant, prompt_token_ids, route_regex, step_user_message,
-                                    system_message)
+from rlrouter.router.prompt import (RouteFormatError, batch_prompt_token_ids, feedback_user_message,
+                                    first_user_message, parse_strict, parse_tolerant, prompt_token_ids, route_regex,
+                                    step_user_message, system_message)
 
 
 @dataclass
@@ -257,8 +257,8 @@ def play_episodes(engine, make_env: Callable[[], RoutingEnv], specs: list[Episod
     bar = tqdm(total=len(specs), desc=desc, disable=not progress, leave=False)
     while live:
         if prompt_mode == "step":
-            prompts = [prompt_token_ids(tok, [contexts[i], {"role": "user", "content": step_user_message(
-                envs[i].view(), cost_weight=specs[i].cost_weight)}]) for i in live]
+            prompts = batch_prompt_token_ids(tok, [[contexts[i], {"role": "user", "content": step_user_message(
+                envs[i].view(), cost_weight=specs[i].cost_weight)}] for i in live])
         else:
             prompts = [contexts[i] for i in live]
         allowed = [[tiers[a] for a in np.flatnonzero(infos[i]["action_mask"])] or tiers[:1] for i in live]

@@ -236,6 +236,8 @@ def _seed_everything(seed: int, iteration: int) -> np.random.Generator:
 class RLTrainer:
     """Trains a router LLM with GRPO / BoPO / PPO; see the module docstring."""
 
+    skip_zero_advantage = True  # sequences with nothing to learn skip the update (same gradient; False: all go)
+
     def __init__(self, model, tokenizer, settings: RLSettings, make_env: Callable, task_ids: list[str],
                  boundaries: dict[str, TaskBoundary], tiers: list[str], out_dir: str | Path, meta: dict,
                  seed: int = 0, prompt_mode: str = "step", max_new_tokens: int = 32,
@@ -457,15 +459,25 @@ class RLTrainer:
         sums = {"approx_kl": 0.0, "clipfrac": 0.0, "entropy": 0.0, "pg_loss": 0.0, "kl_ref": 0.0, "value_loss": 0.0}
         tokens_seen, grad_norms = 0.0, []
         logprob_gap = []
+        # A sequence whose loss tokens all have advantage 0 adds exactly nothing to the gradient
+        # when no other term (value loss, KL, entropy bonus) reads it — with tree credit most
+        # turns of a group share their route and get 0 — so only the others go through the
+        # model. The loss is still divided by the whole minibatch's token count: same gradient.
+        everything = not self.skip_zero_advantage or self.value_head is not None or self.ref_model is not None \
+            or s.entropy_coef != 0
+        active = np.array([everything or bool(np.any(batch.advantages[j][batch.loss_mask[j] > 0] != 0))
+                           for j in range(n)], dtype=bool)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         for epoch in range(s.epochs):
             order = rng.permutation(n)
             for minibatch in np.array_split(order, s.minibatches):
                 n_tokens = float(sum(batch.loss_mask[j].sum() for j in minibatch)) or 1.0
                 n_values = float(sum(len(batch.value_positions[j]) for j in minibatch)) or 1.0
                 self.optimizer.zero_grad(set_to_none=True)
-                starts = list(range(0, len(minibatch), s.micro_batch_size))
+                trained = minibatch[active[minibatch]]
+                starts = list(range(0, len(trained), s.micro_batch_size))
                 for start in starts[self.rank::self.world_size]:  # learners share the micro-batches (DDP)
-                    micro = minibatch[start:start + s.micro_batch_size]
+                    micro = trained[start:start + s.micro_batch_size]
                     ids = [batch.input_ids[j] for j in micro]
                     keep = self._keep([batch.loss_mask[j] for j in micro])
                     constraints = [batch.constraints[j] for j in micro]
@@ -497,7 +509,9 @@ class RLTrainer:
                     for key, value in stats.items():
                         sums[key] += value
                     tokens_seen += float(mask.sum())
-                params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                for p in params:  # a minibatch with nothing to learn still steps the optimizer, as before
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
                 if self.world_size > 1:
                     _all_reduce_gradients(params)
                 grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)))
@@ -513,6 +527,7 @@ class RLTrainer:
         if self.ref_model is None:
             out.pop("kl_ref")
         out["grad_norm"] = float(np.mean(grad_norms))
+        out["trained_fraction"] = float(active.mean()) if n else 0.0  # sequences that went through the update
         out["logprob_gap"] = float(np.mean(logprob_gap)) if logprob_gap else 0.0  # engine vs trainer, before the update
         return out
 

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from envs.budget import Budget
 from rlrouter.evaluate.runner import EpisodeRecord, budget_violated, episode_seed
-from rlrouter.router.prompt import (ROUTE_CLOSE, ROUTE_OPEN, THINK_CLOSE, THINK_OPEN, RouteFormatError, parse_strict,
-                                    parse_tolerant, prompt_token_ids)
+from rlrouter.router.prompt import (ROUTE_CLOSE, ROUTE_OPEN, THINK_CLOSE, THINK_OPEN, RouteFormatError,
+                                    batch_prompt_token_ids, parse_strict, parse_tolerant)
 
 
 class RouteConstraint(LogitsProcessor):
@@ -163,7 +163,7 @@ class RouterPolicy:
         """One assistant turn per conversation, routes constrained to each row's mask."""
 
         allowed = [[self.pool_names[i] for i in np.flatnonzero(m)] or self.pool_names[:1] for m in masks]
-        generations = self.engine.generate([prompt_token_ids(self.tokenizer, c) for c in conversations], allowed,
+        generations = self.engine.generate(batch_prompt_token_ids(self.tokenizer, conversations), allowed,
                                            sample=self.do_sample, temperature=self.temperature,
                                            constrain=self.constrain)
         turns = []

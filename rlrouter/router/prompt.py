@@ -103,8 +103,16 @@ def route_regex(allowed: list[str]) -> str:
 def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a router conversation with the generation prompt appended (the chat
     template rendered, then tokenized without adding special tokens a second time)."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return batch_prompt_token_ids(tokenizer, [messages])[0]
+
+
+def batch_prompt_token_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
+    """``prompt_token_ids`` of many conversations with one tokenizer call: the same ids,
+    without a Python round trip per prompt (a lockstep rollout step builds one per episode)."""
+    if not conversations:
+        return []
+    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in conversations]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def format_route(tier: str, think: str) -> str:
