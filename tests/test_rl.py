@@ -98,6 +98,21 @@ def test_tree_credit_goes_only_to_the_turns_where_the_group_chose_differently():
     np.testing.assert_allclose(same, [[0, 0], [0, 0]], atol=1e-5)  # no divergence: no credit
 
 
+def test_tree_tail_credit_gives_turns_after_the_last_split_the_reward_against_that_node():
+    routes = [[0, 0, 1, 0], [0, 1, 1], [0, 0, 0], [1, 0]]
+    rewards = np.array([1.0, 0.0, 0.5, 0.2])
+    plain = tree_advantages(routes, rewards, root_baseline=0.4, scale=1.0)
+    tail = tree_advantages(routes, rewards, root_baseline=0.4, scale=1.0, tail=True)
+    # rollout 0 is alone from turn 3 (last shared node {0,2}, mean 0.75): 1.0 − 0.75;
+    # rollout 1 alone from turn 2 (last shared {0,1,2}, mean 0.5): 0 − 0.5;
+    # rollout 3 alone from turn 1 (it only shared the root, baseline 0.4): 0.2 − 0.4
+    expected = [[0.1, 0.25, 0.25, 0.25], [0.1, -0.5, -0.5], [0.1, 0.25, -0.25], [-0.2, -0.2]]
+    for got, want in zip(tail, expected):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    for got, want in zip(plain, [[0.1, 0.25, 0.25, 0], [0.1, -0.5, 0], [0.1, 0.25, -0.25], [-0.2, 0]]):
+        np.testing.assert_allclose(got, want, atol=1e-5)  # plain tree credit: nothing after the split
+
+
 def test_gae_over_router_turns_matches_the_hand_computation():
     advantages, returns = gae([0.0, 0.0, 1.0], [0.2, 0.5, 0.7], gamma=1.0, lam=0.5)
     # δ = [0.3, 0.2, 0.3]; A2 = 0.3, A1 = 0.2 + 0.5·0.3, A0 = 0.3 + 0.5·0.35

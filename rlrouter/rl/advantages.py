@@ -17,6 +17,11 @@ rollouts, rewards and the clipped loss are shared.
   (BoPO: reference-mixed) baseline at the root and the node's mean reward below it. A
   turn where the whole node chose alike gets 0: the episode's reward is credited only to
   the decisions that made a difference (a Monte Carlo Q − V without extra rollouts).
+  The tree thins out fast: once a rollout's node is itself alone (from ~turn 8 in the
+  quickstart with G = 8), its later decisions get no credit at all. ``tail=True``
+  (``rl.credit: tree_tail``) gives those turns the rollout's reward against the mean of
+  the last node it shared with others: A_{i,t} = (R_i − mean R(last shared node)) / (σ + ε),
+  GRPO's estimate inside the subtree, so late decisions (e.g. after a failed step) learn too.
 - PPO (Schulman et al. 2017): a value per router turn, the episode reward at the last turn,
   GAE over turns (Schulman et al. 2016, eq. 16): δ_t = r_t + γ·V_{t+1} − V_t,
   A_t = Σ_k (γλ)^k δ_{t+k}; returns A_t + V_t train the value head.
@@ -48,20 +53,27 @@ def bopo_advantages(rewards: np.ndarray, ref_small: float, ref_large: float, w_s
 
 
 def tree_advantages(routes: list[list[int]], rewards: np.ndarray, root_baseline: float, scale: float,
-                    eps: float = EPS) -> list[np.ndarray]:
+                    eps: float = EPS, tail: bool = False) -> list[np.ndarray]:
     """Per-turn advantages of one group from its prefix tree (see the module docstring).
 
     ``routes[i]`` are rollout i's tiers, turn by turn; ``rewards[i]`` its episode reward.
+    ``tail``: turns where rollout i is alone in its node get R_i against the mean of the
+    last node it shared (the root's baseline if it never shared one).
     """
     rewards = np.asarray(rewards, dtype=np.float64)
     out = []
     for i, mine in enumerate(routes):
         adv = np.zeros(len(mine))
+        shared = root_baseline
         for t in range(len(mine)):
             node = [j for j, other in enumerate(routes) if len(other) > t and other[:t] == mine[:t]]
+            if tail and len(node) == 1:
+                adv[t] = (rewards[i] - shared) / (scale + eps)
+                continue
             child = [j for j in node if routes[j][t] == mine[t]]
             baseline = root_baseline if t == 0 else rewards[node].mean()
             adv[t] = (rewards[child].mean() - baseline) / (scale + eps)
+            shared = baseline
         out.append(adv)
     return out
 

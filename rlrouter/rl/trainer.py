@@ -54,7 +54,9 @@ class RLSettings:
             ``ppo`` (value head, GAE over router turns).
         credit: ``episode`` (every turn gets the episode's advantage) or ``tree`` (GRPO/BoPO:
             only the turns where a group's rollouts chose differently get credit, from the
-            prefix tree of the group; see ``advantages.tree_advantages``).
+            prefix tree of the group; see ``advantages.tree_advantages``) or ``tree_tail``
+            (tree, and the turns after a rollout's last split get its reward against the
+            last node it shared: late decisions get credit too).
         reward: ``bopo`` (boundary-relative, difficulty bonus) or ``cost`` (1[success] − λ·$).
         init: checkpoint to start from (default: the recipe's SFT checkpoint).
         engine: rollout engine, ``hf`` (transformers generate) or ``vllm`` (in-process engine).
@@ -153,8 +155,8 @@ class RLSettings:
             raise ValueError(f"rl.algorithm must be one of {list(ALGORITHMS)}, got {self.algorithm!r}")
         if self.reward not in REWARD_KINDS:
             raise ValueError(f"rl.reward must be one of {list(REWARD_KINDS)}, got {self.reward!r}")
-        if self.credit not in ("episode", "tree"):
-            raise ValueError(f"rl.credit must be 'episode' or 'tree', got {self.credit!r}")
+        if self.credit not in ("episode", "tree", "tree_tail"):
+            raise ValueError(f"rl.credit must be 'episode', 'tree' or 'tree_tail', got {self.credit!r}")
         if self.engine not in ("hf", "vllm"):
             raise ValueError(f"rl.engine must be 'hf' or 'vllm', got {self.engine!r}")
         low, high = self.lambda_range()
@@ -328,9 +330,9 @@ class RLTrainer:
                 w = 1 - s.ref_weight_small - s.ref_weight_large
                 baseline = w * r.mean() + s.ref_weight_small * ref_small + s.ref_weight_large * ref_large
                 scale = np.concatenate([r, [ref_small, ref_large]]).std()
-            if s.credit == "tree":
+            if s.credit in ("tree", "tree_tail"):
                 routes = [[self.tiers.index(t.tier) for t in ro.turns] for ro in played]
-                advantages.append(tree_advantages(routes, r, baseline, scale))
+                advantages.append(tree_advantages(routes, r, baseline, scale, tail=s.credit == "tree_tail"))
             else:
                 advantages.append([np.full(len(ro.turns), a[i]) for i, ro in enumerate(played)])
         return rewards, advantages
