@@ -336,7 +336,8 @@ def test_sequences_without_advantage_skip_the_update_and_the_gradient_is_the_sam
     groups = trainer.sample_groups(rng)
     specs = [spec for group in groups for spec, _ in group]
     flat, _ = trainer.rollouts.play(specs, trainer.seed, 0, 1.0)
-    played = [flat[g * 4:(g + 1) * 4] for g in range(len(groups))]
+    g_size = recipe.rl.group_size
+    played = [flat[g * g_size:(g + 1) * g_size] for g in range(len(groups))]
     _, advantages = trainer.score(groups, played)
     batch = trainer.build_batch(flat)
     batch.set_advantages([a for group in advantages for a in group])

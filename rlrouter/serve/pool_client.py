@@ -20,7 +20,6 @@ from envs.executors import RETRYABLE_STATUS, error_message, retry_after_seconds,
 from rlrouter.serve.config import ServeConfig
 
 
-
 @dataclass
 class Attempt:
     tier: str
@@ -100,7 +99,8 @@ class PoolClient:
                         return reply
                     attempts.append(Attempt(tier, 200, "malformed response (no choices[0].message.content)", seconds))
                     break
-                attempts.append(Attempt(tier, response.status_code, error_message(response.status_code, response.content), seconds))
+                error = error_message(response.status_code, response.content)
+                attempts.append(Attempt(tier, response.status_code, error, seconds))
                 if response.status_code not in RETRYABLE_STATUS:
                     break
                 retry_after = retry_after_seconds(response.headers.get("retry-after"))
