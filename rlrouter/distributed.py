@@ -120,7 +120,7 @@ class RayRollouts:
         return time.perf_counter() - start
 
     def play(self, specs: list[EpisodeSpec], seed: int, iteration: int,
-             temperature: float) -> tuple[list[Rollout], dict]:
+             temperature: float, stream: int = 0) -> tuple[list[Rollout], dict]:
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
@@ -131,7 +131,7 @@ class RayRollouts:
         restarting = [0.0] * len(self.actors)  # since when actor a is known to be restarting (0: it is not)
 
         def submit(k: int, a: int) -> None:
-            ref = self.actors[a].play.remote(k, parts[k], shard_seed(seed, iteration, k), temperature,
+            ref = self.actors[a].play.remote(k, parts[k], shard_seed(seed, iteration, k, stream), temperature,
                                              self.weights, self.version)
             pending[ref] = (k, a)
 

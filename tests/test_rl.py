@@ -113,6 +113,39 @@ def test_tree_tail_credit_gives_turns_after_the_last_split_the_reward_against_th
         np.testing.assert_allclose(got, want, atol=1e-5)  # plain tree credit: nothing after the split
 
 
+def test_tree_credit_with_a_branch_episode_compares_the_two_tiers_at_the_branched_turn():
+    # rollout 0 went small, small, large; the branch replayed small, small and took small at turn 2
+    routes = [[0, 0, 1], [1, 0], [0, 0, 0, 0]]
+    rewards = np.array([1.0, 0.0, 0.5])
+    a = tree_advantages(routes, rewards, root_baseline=0.4, scale=1.0, starts=[0, 0, 2])
+    # turn 0: the branch is not in the root node (it joins at turn 2): 1.0 − 0.4 and 0 − 0.4;
+    # turn 1: rollout 0 alone (prefix [0]); turn 2: node {0, branch}, mean 0.75
+    expected = [[0.6, 0, 0.25], [-0.4, 0], [0, 0, -0.25, 0]]
+    for got, want in zip(a, expected):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_branches_are_chosen_where_the_whole_node_chose_alike_and_the_other_tier_is_allowed():
+    from rlrouter.rl.rollout import Rollout, RouterTurn
+    from rlrouter.rl.trainer import choose_branches
+
+    def rollout(tiers, allowed):
+        ro = Rollout(EpisodeSpec("train-0", Budget(), seed=7))
+        ro.turns = [RouterTurn([], [], None, t, True, a) for t, a in zip(tiers, allowed)]
+        return ro
+
+    both, small = ["small", "large"], ["small"]
+    played = [rollout(["small", "small", "large", "small"], [both, both, both, both]),
+              rollout(["small", "small", "small", "small"], [both, both, both, small])]
+    specs = choose_branches(played, 10, np.random.default_rng(0))
+    # turn 0: never (its credit is against the root's baseline); turn 1: both chose small in
+    # the same state -> one candidate; turn 2: they differ -> none; turn 3: each is alone,
+    # rollout 0 can take large, rollout 1's budget allowed only small -> one candidate
+    assert sorted(s.forced for s in specs) == [("small", "large"), ("small", "small", "large", "large")]
+    assert all(s.seed == 7 and s.task_id == "train-0" for s in specs)
+    assert len(choose_branches(played, 1, np.random.default_rng(0))) == 1
+
+
 def test_gae_over_router_turns_matches_the_hand_computation():
     advantages, returns = gae([0.0, 0.0, 1.0], [0.2, 0.5, 0.7], gamma=1.0, lam=0.5)
     # δ = [0.3, 0.2, 0.3]; A2 = 0.3, A1 = 0.2 + 0.5·0.3, A0 = 0.3 + 0.5·0.35
@@ -176,6 +209,8 @@ def test_token_logprobs_match_log_softmax():
     ("device", "tpu", "rl.device"),
     ("task_taxonomy", ["medium"], "rl.task_taxonomy"),
     ("task_taxonomy", [], "rl.task_taxonomy"),
+    ("branches", -1, "rl.branches"),
+    ("branches", 2, "rl.branches gives tree credit"),  # with the default episode credit
 ])
 def test_rl_settings_name_the_bad_field(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -253,6 +288,36 @@ def test_rollout_sequences_mask_exactly_the_generated_tokens(trained, prompt_mod
         engine_lp = [lp for turn in turns for lp in turn.logprobs]
         np.testing.assert_allclose(logp[0, positions].numpy(), engine_lp, atol=1e-4)
         assert all(turn.completion_ids[0] == tok.convert_tokens_to_ids("<think>") for turn in rollout.turns)
+
+
+@pytest.mark.slow
+def test_forced_tiers_replay_the_episode_and_the_router_takes_over_in_the_same_state(trained):
+    from rlrouter.router.checkpoint import load_checkpoint
+
+    recipe, path = trained
+    model, tok, _ = load_checkpoint(path, recipe.pool.names)
+    engine = HFEngine(model, tok, recipe.pool.names, max_new_tokens=16)
+    make_env = lambda: recipe.make_env("train")  # noqa: E731
+    specs = [EpisodeSpec(f"train-{i}", Budget(), seed=100 + i) for i in range(8)]
+    played = [ro for ro in play_episodes(engine, make_env, specs) if len(ro.turns) >= 3]
+    assert played
+    replays = play_episodes(engine, make_env, [EpisodeSpec(ro.spec.task_id, ro.spec.budget, ro.spec.seed,
+                                                           forced=tuple(ro.routes[:2])) for ro in played])
+    for ro, again in zip(played, replays):  # greedy: the same episode, two steps taken without the router
+        assert again.routes == ro.routes and again.cost_usd == ro.cost_usd and again.success == ro.success
+        assert again.turns[0].prompt_ids == ro.turns[2].prompt_ids
+    other = {"small": "large", "large": "small"}
+    flipped = play_episodes(engine, make_env, [EpisodeSpec(ro.spec.task_id, ro.spec.budget, ro.spec.seed,
+                                                           forced=(ro.routes[0], other[ro.routes[1]]))
+                                               for ro in played])
+    for ro, branch in zip(played, flipped):
+        assert branch.routes[:2] == [ro.routes[0], other[ro.routes[1]]]
+        assert len(branch.turns) == len(branch.routes) - 2
+    capped = EpisodeSpec("train-0", Budget(max_calls={"large": 0}), seed=1, forced=("large",))
+    with pytest.raises(ValueError, match="forced tier 'large' at step 0"):
+        play_episodes(engine, make_env, [capped])
+    with pytest.raises(ValueError, match="prompt_mode: step"):
+        play_episodes(engine, make_env, [EpisodeSpec("train-0", Budget(), 1, forced=("small",))], "episode")
 
 
 @pytest.mark.slow
@@ -354,6 +419,40 @@ def test_sequences_without_advantage_skip_the_update_and_the_gradient_is_the_sam
     assert moved
     for key in moved:
         torch.testing.assert_close(results[True][1][key], results[False][1][key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_branch_episodes_are_played_scored_and_trained_on(trained, tmp_path):
+    from rlrouter.pipeline import build_rl_trainer
+    from rlrouter.rl.trainer import choose_branches
+
+    recipe = rl_recipe(trained, tmp_path, credit="tree", branches=3, tasks_per_iteration=4)
+    trainer = build_rl_trainer(recipe, trained[1], tmp_path / "rl")
+    metrics = trainer.iterate()
+    assert 0 < metrics["branch_episodes"] <= 3 * 4 and metrics["episodes"] == 4 * recipe.rl.group_size
+    assert -1 <= metrics["branch_large_success_gain"] <= 1
+    rng = np.random.default_rng(0)
+    groups = trainer.sample_groups(rng)
+    flat, _ = trainer.play([spec for group in groups for spec, _ in group])
+    played = [flat[g * 4:(g + 1) * 4] for g in range(len(groups))]
+    branched = [trainer.play(choose_branches(group, 3, rng), stream=1)[0] for group in played]
+    rewards, advantages = trainer.score(groups, played, branched)
+    assert [len(r) for r in rewards] == [4] * len(groups)  # the group's own rollouts only
+    checked = 0
+    for group, extra, adv, r, ((spec, cost_lambda), *_) in zip(played, branched, advantages, rewards, groups):
+        assert len(adv) == len(group) + len(extra)
+        assert [len(a) for a in adv] == [len(ro.turns) for ro in group + extra]  # forced turns are not trained
+        for b in extra:  # the rollouts it branched from: credit at the branched turn = their mean reward − the branch's
+            t = len(b.spec.forced) - 1
+            assert t >= 1
+            node = [k for k, ro in enumerate(group) if len(ro.routes) > t and ro.routes[:t] == list(b.spec.forced[:t])]
+            r_branch = episode_reward(trainer.reward_spec, b.success, b.cost_usd, b.malformed_fraction, cost_lambda,
+                                      trainer.boundaries[spec.task_id])
+            if len([x for x in extra if x.spec.forced[:t] == b.spec.forced[:t]]) == 1:
+                want = np.sign(np.round(np.mean([r[k] for k in node]) - r_branch, 9))
+                assert all(np.sign(np.round(adv[k][t], 9)) == want for k in node)
+                checked += 1
+    assert checked
 
 
 def _metrics_without_timing(path: Path) -> list[dict]:

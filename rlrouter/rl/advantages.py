@@ -53,20 +53,25 @@ def bopo_advantages(rewards: np.ndarray, ref_small: float, ref_large: float, w_s
 
 
 def tree_advantages(routes: list[list[int]], rewards: np.ndarray, root_baseline: float, scale: float,
-                    eps: float = EPS, tail: bool = False) -> list[np.ndarray]:
+                    eps: float = EPS, tail: bool = False, starts: list[int] | None = None) -> list[np.ndarray]:
     """Per-turn advantages of one group from its prefix tree (see the module docstring).
 
     ``routes[i]`` are rollout i's tiers, turn by turn; ``rewards[i]`` its episode reward.
     ``tail``: turns where rollout i is alone in its node get R_i against the mean of the
     last node it shared (the root's baseline if it never shared one).
+    ``starts[i]`` (default 0): the first turn at which rollout i is a sample of the policy.
+    A branch episode replays another rollout's routes up to its branch turn and takes the
+    other tier there; it joins the nodes from that turn on, and its earlier turns get 0.
     """
     rewards = np.asarray(rewards, dtype=np.float64)
+    starts = [0] * len(routes) if starts is None else starts
     out = []
     for i, mine in enumerate(routes):
         adv = np.zeros(len(mine))
         shared = root_baseline
-        for t in range(len(mine)):
-            node = [j for j, other in enumerate(routes) if len(other) > t and other[:t] == mine[:t]]
+        for t in range(starts[i], len(mine)):
+            node = [j for j, other in enumerate(routes)
+                    if len(other) > t and starts[j] <= t and other[:t] == mine[:t]]
             if tail and len(node) == 1:
                 adv[t] = (rewards[i] - shared) / (scale + eps)
                 continue

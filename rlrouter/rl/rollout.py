@@ -72,6 +72,7 @@ class EpisodeSpec:
     budget: Budget
     seed: int
     cost_weight: float | None = None  # written in the prompt when set (budget-conditioned RL)
+    forced: tuple[str, ...] = ()  # tiers stepped before the router takes over (RL branch episodes)
 
 
 @dataclass
@@ -91,6 +92,11 @@ class Rollout:
     @property
     def calls(self) -> dict[str, int]:
         return dict(self.info["calls"])
+
+    @property
+    def routes(self) -> list[str]:
+        """Every step's tier: the forced ones, then the router's."""
+        return list(self.spec.forced) + [t.tier for t in self.turns]
 
     @property
     def malformed_fraction(self) -> float:
@@ -238,23 +244,31 @@ def play_episodes(engine, make_env: Callable[[], RoutingEnv], specs: list[Episod
                   progress: bool = False, desc: str = "episodes", timings: dict | None = None) -> list[Rollout]:
     """Play all ``specs`` in lockstep: one ``engine.generate`` call per step for every live episode.
 
-    ``timings``, when given, accumulates ``generate_s`` (engine) and ``env_s`` (environment
-    steps, i.e. the executors) in seconds."""
+    A spec's ``forced`` tiers are stepped first, without the router (step prompts only; an
+    episode that ends inside them has no turns). ``timings``, when given, accumulates
+    ``generate_s`` (engine) and ``env_s`` (environment steps, i.e. the executors) in seconds."""
     if prompt_mode not in ("step", "episode"):
         raise ValueError(f"prompt_mode must be 'step' or 'episode', got {prompt_mode!r}")
     tok = engine.tokenizer
     tiers = engine.tiers
     envs = [make_env() for _ in specs]
     rollouts = [Rollout(spec) for spec in specs]
-    infos, contexts = [], []
-    for env, spec in zip(envs, specs):
+    infos, contexts, live = [], [], []
+    for i, (env, spec) in enumerate(zip(envs, specs)):
         _, info = env.reset(seed=spec.seed, options={"task_id": spec.task_id, "budget": spec.budget})
+        if spec.forced and prompt_mode != "step":
+            raise ValueError("episodes with forced tiers (rl.branches) need router.prompt_mode: step")
+        info, ended = step_forced(env, info, spec.forced, tiers)
         infos.append(info)
+        if ended:
+            rollouts[i].info = info
+            env.close()
+        else:
+            live.append(i)
         system = {"role": "system", "content": system_message(env.pool.describe())}
         contexts.append(prompt_token_ids(tok, [system, {"role": "user", "content": first_user_message(
             env.view(), spec.cost_weight)}]) if prompt_mode == "episode" else system)
-    live = list(range(len(specs)))
-    bar = tqdm(total=len(specs), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=len(specs), initial=len(specs) - len(live), desc=desc, disable=not progress, leave=False)
     while live:
         if prompt_mode == "step":
             prompts = batch_prompt_token_ids(tok, [[contexts[i], {"role": "user", "content": step_user_message(
@@ -297,6 +311,17 @@ def play_episodes(engine, make_env: Callable[[], RoutingEnv], specs: list[Episod
             timings["env_s"] = timings.get("env_s", 0.0) + env_s
     bar.close()
     return rollouts
+
+
+def step_forced(env: RoutingEnv, info: dict, forced: tuple[str, ...], tiers: list[str]) -> tuple[dict, bool]:
+    """Step ``forced`` tiers from a fresh episode; returns the last info and whether the episode ended."""
+    for k, tier in enumerate(forced):
+        if not info["action_mask"][tiers.index(tier)]:
+            raise ValueError(f"forced tier {tier!r} at step {k} is not allowed by the episode's budget")
+        _, _, terminated, truncated, info = env.step(tiers.index(tier))
+        if terminated or truncated:
+            return info, True
+    return info, False
 
 
 def constraint_masks(tokenizer, turn: RouterTurn) -> list[list[int] | None]:

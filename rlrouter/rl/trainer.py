@@ -24,7 +24,7 @@ import copy
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -57,6 +57,13 @@ class RLSettings:
             prefix tree of the group; see ``advantages.tree_advantages``) or ``tree_tail``
             (tree, and the turns after a rollout's last split get its reward against the
             last node it shared: late decisions get credit too).
+        branches: branch episodes per group (tree credit, step prompts; 0: none). After the
+            group is played, this many of its turns where the whole prefix-tree node chose
+            alike (mostly late turns, where a rollout is alone) are replayed from the same
+            seed and take the other tier there; the rest is played by the policy. The branch
+            joins that node of the tree, so the turn's credit compares the two tiers ((R_i −
+            R_branch) / 2 for a rollout that was alone; ``advantages.tree_advantages`` with
+            ``starts``). Costs one partial episode per branch; not turn 0 (see ``choose_branches``).
         reward: ``bopo`` (boundary-relative, difficulty bonus) or ``cost`` (1[success] − λ·$).
         init: checkpoint to start from (default: the recipe's SFT checkpoint).
         engine: rollout engine, ``hf`` (transformers generate) or ``vllm`` (in-process engine).
@@ -104,6 +111,7 @@ class RLSettings:
 
     algorithm: str = "bopo"
     credit: str = "episode"
+    branches: int = 0
     reward: str = "bopo"
     init: str | None = None
     engine: str = "hf"
@@ -157,6 +165,11 @@ class RLSettings:
             raise ValueError(f"rl.reward must be one of {list(REWARD_KINDS)}, got {self.reward!r}")
         if self.credit not in ("episode", "tree", "tree_tail"):
             raise ValueError(f"rl.credit must be 'episode', 'tree' or 'tree_tail', got {self.credit!r}")
+        if self.branches < 0:
+            raise ValueError(f"rl.branches must be >= 0, got {self.branches}")
+        if self.branches and (self.algorithm == "ppo" or self.credit == "episode"):
+            raise ValueError("rl.branches gives tree credit: it needs rl.credit tree or tree_tail with grpo or bopo, "
+                             f"got credit {self.credit!r} with {self.algorithm!r}")
         if self.engine not in ("hf", "vllm"):
             raise ValueError(f"rl.engine must be 'hf' or 'vllm', got {self.engine!r}")
         low, high = self.lambda_range()
@@ -308,15 +321,19 @@ class RLTrainer:
         return groups
 
     # -- 3. rewards and advantages ----------------------------------------------------
-    def score(self, groups, rollouts: list[list[Rollout]]) -> tuple[list[list[float]], list[list[np.ndarray]]]:
-        """Rewards per rollout, and per-turn advantages per rollout."""
+    def score(self, groups, rollouts: list[list[Rollout]], branches: list[list[Rollout]] | None = None
+              ) -> tuple[list[list[float]], list[list[np.ndarray]]]:
+        """Rewards per rollout, and per-turn advantages per rollout, then per branch episode
+        (``branches[g]``: group g's, scored in its prefix tree; their rewards are not returned)."""
         s = self.settings
+        branches = branches or [[] for _ in groups]
         rewards, advantages = [], []
-        for group, played in zip(groups, rollouts):
+        for group, played, extra in zip(groups, rollouts, branches):
             spec, cost_lambda = group[0]
             boundary = self.boundaries.get(spec.task_id)
-            r = np.array([episode_reward(self.reward_spec, ro.success, ro.cost_usd, ro.malformed_fraction,
-                                         cost_lambda, boundary) for ro in played])
+            r_all = np.array([episode_reward(self.reward_spec, ro.success, ro.cost_usd, ro.malformed_fraction,
+                                             cost_lambda, boundary) for ro in played + extra])
+            r = r_all[:len(played)]
             rewards.append(r.tolist())
             if s.algorithm == "ppo":
                 advantages.append([None] * len(played))  # PPO: GAE after the value pass
@@ -331,8 +348,10 @@ class RLTrainer:
                 baseline = w * r.mean() + s.ref_weight_small * ref_small + s.ref_weight_large * ref_large
                 scale = np.concatenate([r, [ref_small, ref_large]]).std()
             if s.credit in ("tree", "tree_tail"):
-                routes = [[self.tiers.index(t.tier) for t in ro.turns] for ro in played]
-                advantages.append(tree_advantages(routes, r, baseline, scale, tail=s.credit == "tree_tail"))
+                routes = [[self.tiers.index(t) for t in ro.routes] for ro in played + extra]
+                starts = [max(len(ro.spec.forced) - 1, 0) for ro in played + extra]
+                tree = tree_advantages(routes, r_all, baseline, scale, tail=s.credit == "tree_tail", starts=starts)
+                advantages.append([a[len(ro.spec.forced):] for a, ro in zip(tree, played + extra)])
             else:
                 advantages.append([np.full(len(ro.turns), a[i]) for i, ro in enumerate(played)])
         return rewards, advantages
@@ -534,25 +553,39 @@ class RLTrainer:
         return out
 
     # -- one iteration --------------------------------------------------------------------
+    def play(self, specs: list[EpisodeSpec], stream: int = 0) -> tuple[list[Rollout], dict]:
+        """Rank 0 plays ``specs`` (seeded by the iteration and ``stream``); every learner gets them."""
+        flat, stats = None, None
+        if self.rank == 0:
+            flat, stats = self.rollouts.play(specs, self.seed, self.iteration, self.settings.temperature, stream)
+        if self.world_size > 1:  # every learner trains on the episodes rank 0 collected
+            shared = [flat, stats]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            flat, stats = shared
+        return flat, stats
+
     def iterate(self) -> dict:
         s = self.settings
         rng = _seed_everything(self.seed, self.iteration)
         groups = self.sample_groups(rng)
         specs = [spec for group in groups for spec, _ in group]
         start = time.perf_counter()
-        if self.rank == 0:
-            flat, worker_stats = self.rollouts.play(specs, self.seed, self.iteration, s.temperature)
-        if self.world_size > 1:  # every learner trains on the episodes rank 0 collected
-            shared = [flat, worker_stats] if self.rank == 0 else [None, None]
-            torch.distributed.broadcast_object_list(shared, src=0)
-            flat, worker_stats = shared
+        flat, worker_stats = self.play(specs)
         rollout_s = time.perf_counter() - start
         played = [flat[g * s.group_size:(g + 1) * s.group_size] for g in range(len(groups))]
-        rewards, advantages = self.score(groups, played)
+        metrics, branched = {}, [[] for _ in groups]
+        if s.branches:
+            start = time.perf_counter()
+            branch_specs = [choose_branches(group, s.branches, rng) for group in played]
+            branch_flat, _ = self.play([b for group in branch_specs for b in group], stream=1)
+            sizes = np.cumsum([0] + [len(b) for b in branch_specs])
+            branched = [branch_flat[a:b] for a, b in zip(sizes[:-1], sizes[1:])]
+            metrics.update(branch_metrics(played, branched, self.tiers[-1]), branch_rollout_s=time.perf_counter() - start)
+        rewards, advantages = self.score(groups, played, branched)
         flat_adv = [a for group in advantages for a in group]
+        trained = [ro for group, extra in zip(played, branched) for ro in group + extra]
         start = time.perf_counter()
-        metrics = {}
-        batch = self.build_batch(flat)
+        batch = self.build_batch(trained)
         if s.algorithm == "ppo":
             values = self.ppo_values(flat, batch)
             flat_rewards = [r for group in rewards for r in group]
@@ -684,6 +717,43 @@ class RLTrainer:
         if self.value_head is not None:
             self.value_head.load_state_dict(torch.load(state / "value_head.pt", weights_only=True,
                                                        map_location=self.device))
+
+
+def choose_branches(played: list[Rollout], k: int, rng: np.random.Generator) -> list[EpisodeSpec]:
+    """Up to ``k`` branch episodes for one group (``rl.branches``): each replays a rollout's
+    routes up to a turn where its whole prefix-tree node chose alike (so tree credit gives
+    that turn nothing) and takes another tier the budget allowed there. Turns in the same
+    state (same prefix, same forced tier) are one candidate. Not turn 0: its credit is
+    measured against the group's (BoPO: reference-mixed) baseline, which a branch does not change."""
+    routes = [ro.routes for ro in played]
+    candidates = {}
+    for i, ro in enumerate(played):
+        for t, turn in enumerate(ro.turns[1:], start=1):  # turn 0's credit is against the root's baseline
+            node = [r for r in routes if len(r) > t and r[:t] == routes[i][:t]]
+            if any(r[t] != turn.tier for r in node):
+                continue  # the group already compares tiers here
+            for tier in turn.allowed:
+                if tier != turn.tier:
+                    candidates.setdefault(tuple(routes[i][:t]) + (tier,), played[i].spec)
+    keys = list(candidates)
+    picks = rng.choice(len(keys), size=min(k, len(keys)), replace=False)
+    return [replace(candidates[keys[c]], forced=keys[c]) for c in sorted(picks)]
+
+
+def branch_metrics(played: list[list[Rollout]], branched: list[list[Rollout]], large: str) -> dict:
+    """How many branch episodes, and the success they measured for the large tier: at each
+    branched turn where one side took ``large``, success with it − success with the other
+    tier (the node's rollouts' mean on their side)."""
+    gains, episodes = [], 0
+    for group, extra in zip(played, branched):
+        for b in extra:
+            episodes += 1
+            t = len(b.spec.forced) - 1
+            node = [ro for ro in group if len(ro.routes) > t and ro.routes[:t] == list(b.spec.forced[:t])]
+            gap = b.success - np.mean([ro.success for ro in node])
+            if large in (b.spec.forced[-1], node[0].routes[t]):
+                gains.append(gap if b.spec.forced[-1] == large else -gap)
+    return {"branch_episodes": episodes, "branch_large_success_gain": float(np.mean(gains)) if gains else 0.0}
 
 
 def _all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:

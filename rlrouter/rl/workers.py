@@ -35,9 +35,10 @@ def shard_specs(specs: list[EpisodeSpec], n: int) -> list[list[EpisodeSpec]]:
     return [specs[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def shard_seed(seed: int, iteration: int, shard: int) -> int:
-    """The torch seed shard ``shard`` of ``iteration`` samples with (shard 0: the iteration's seed)."""
-    return seed * 1_000_003 + iteration + shard * 1_000_000_007
+def shard_seed(seed: int, iteration: int, shard: int, stream: int = 0) -> int:
+    """The torch seed shard ``shard`` of ``iteration`` samples with (shard 0: the iteration's
+    seed). ``stream`` 1 is the iteration's second batch of episodes (RL branch episodes)."""
+    return seed * 1_000_003 + iteration + shard * 1_000_000_007 + stream * 500_000_003
 
 
 @dataclass
@@ -75,10 +76,10 @@ class LocalRollouts:
         self.shards = shards
 
     def play(self, specs: list[EpisodeSpec], seed: int, iteration: int,
-             temperature: float) -> tuple[list[Rollout], dict]:
+             temperature: float, stream: int = 0) -> tuple[list[Rollout], dict]:
         results, queued = [], time.time()
         for k, part in enumerate(shard_specs(specs, self.shards)):
-            result = self.worker.play(k, part, shard_seed(seed, iteration, k), temperature)
+            result = self.worker.play(k, part, shard_seed(seed, iteration, k, stream), temperature)
             result.stats["queue_wait_s"] = result.stats["started"] - queued
             results.append(result)
         return collect(results)
