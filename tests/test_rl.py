@@ -397,14 +397,9 @@ def test_sequences_without_advantage_skip_the_update_and_the_gradient_is_the_sam
 
     recipe = rl_recipe(trained, tmp_path, credit="tree", tasks_per_iteration=4)
     trainer = build_rl_trainer(recipe, trained[1], tmp_path / "rl")
-    rng = np.random.default_rng(0)
-    groups = trainer.sample_groups(rng)
-    specs = [spec for group in groups for spec, _ in group]
-    flat, _ = trainer.rollouts.play(specs, trainer.seed, 0, 1.0)
-    g_size = recipe.rl.group_size
-    played = [flat[g * g_size:(g + 1) * g_size] for g in range(len(groups))]
+    groups, played, _, _ = trainer.collect(np.random.default_rng(0))
     _, advantages = trainer.score(groups, played)
-    batch = trainer.build_batch(flat)
+    batch = trainer.build_batch([ro for group in played for ro in group])
     batch.set_advantages([a for group in advantages for a in group])
     start = copy.deepcopy((trainer.model.state_dict(), trainer.optimizer.state_dict()))
     results = {}
@@ -424,18 +419,14 @@ def test_sequences_without_advantage_skip_the_update_and_the_gradient_is_the_sam
 @pytest.mark.slow
 def test_branch_episodes_are_played_scored_and_trained_on(trained, tmp_path):
     from rlrouter.pipeline import build_rl_trainer
-    from rlrouter.rl.trainer import choose_branches
 
     recipe = rl_recipe(trained, tmp_path, credit="tree", branches=3, tasks_per_iteration=4)
     trainer = build_rl_trainer(recipe, trained[1], tmp_path / "rl")
     metrics = trainer.iterate()
     assert 0 < metrics["branch_episodes"] <= 3 * 4 and metrics["episodes"] == 4 * recipe.rl.group_size
     assert -1 <= metrics["branch_large_success_gain"] <= 1
-    rng = np.random.default_rng(0)
-    groups = trainer.sample_groups(rng)
-    flat, _ = trainer.play([spec for group in groups for spec, _ in group])
-    played = [flat[g * 4:(g + 1) * 4] for g in range(len(groups))]
-    branched = [trainer.play(choose_branches(group, 3, rng), stream=1)[0] for group in played]
+    groups, played, branched, _ = trainer.collect(np.random.default_rng(0))
+    assert sum(map(len, branched)) and all(len(b) <= 3 for b in branched)
     rewards, advantages = trainer.score(groups, played, branched)
     assert [len(r) for r in rewards] == [4] * len(groups)  # the group's own rollouts only
     checked = 0

@@ -564,23 +564,32 @@ class RLTrainer:
             flat, stats = shared
         return flat, stats
 
-    def iterate(self) -> dict:
+    def collect(self, rng: np.random.Generator) -> tuple[list, list[list[Rollout]], list[list[Rollout]], dict]:
+        """Steps 1–2 of an iteration: draw the groups, play them, then their branch episodes
+        (``rl.branches``). Returns groups, rollouts and branch episodes per group, and stats."""
         s = self.settings
-        rng = _seed_everything(self.seed, self.iteration)
         groups = self.sample_groups(rng)
-        specs = [spec for group in groups for spec, _ in group]
         start = time.perf_counter()
-        flat, worker_stats = self.play(specs)
-        rollout_s = time.perf_counter() - start
+        flat, stats = self.play([spec for group in groups for spec, _ in group])
+        stats["rollout_s"] = time.perf_counter() - start
         played = [flat[g * s.group_size:(g + 1) * s.group_size] for g in range(len(groups))]
-        metrics, branched = {}, [[] for _ in groups]
+        branched = [[] for _ in groups]
         if s.branches:
             start = time.perf_counter()
             branch_specs = [choose_branches(group, s.branches, rng) for group in played]
             branch_flat, _ = self.play([b for group in branch_specs for b in group], stream=1)
             sizes = np.cumsum([0] + [len(b) for b in branch_specs])
             branched = [branch_flat[a:b] for a, b in zip(sizes[:-1], sizes[1:])]
-            metrics.update(branch_metrics(played, branched, self.tiers[-1]), branch_rollout_s=time.perf_counter() - start)
+            stats.update(branch_metrics(played, branched, self.tiers[-1]), branch_rollout_s=time.perf_counter() - start)
+        return groups, played, branched, stats
+
+    def iterate(self) -> dict:
+        s = self.settings
+        rng = _seed_everything(self.seed, self.iteration)
+        groups, played, branched, worker_stats = self.collect(rng)
+        flat = [ro for group in played for ro in group]
+        rollout_s = worker_stats.pop("rollout_s")
+        metrics = {}
         rewards, advantages = self.score(groups, played, branched)
         flat_adv = [a for group in advantages for a in group]
         trained = [ro for group, extra in zip(played, branched) for ro in group + extra]
