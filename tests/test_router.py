@@ -49,6 +49,29 @@ def test_tiny_router_requires_head_dim_64():
         TinyRouterConfig(hidden_size=128, num_attention_heads=4)
 
 
+def test_a_saved_router_reloads_with_the_tokenizer_it_was_trained_with(tmp_path):
+    # A saved router has a Qwen2 config, so AutoTokenizer rebuilds its tokenizer as a
+    # Qwen2Tokenizer (Qwen2's own normalizer and pre-tokenizer around the saved merges). A
+    # tokenizer trained with another split tokenized "$0.40" differently after the round trip
+    # than during SFT: the loaded router then read numbers it had never seen.
+    from rlrouter.router.model import build_tiny_router, train_tokenizer
+
+    texts = ["Spent $0.0040. Budget: large calls 12 of 15 left", "Step 14/30, 13/24 done. Next: open the log",
+             "- small: $0.40/$1.60 per 1M tokens. café ÷ 2"] * 30
+    tokenizer = train_tokenizer(texts, vocab_size=400)
+    model = build_tiny_router(tokenizer, TinyRouterConfig(vocab_size=len(tokenizer)))
+    path = save_checkpoint(model, tokenizer, tmp_path / "ckpt", {"pool": [{"name": "small"}, {"name": "large"}]})
+    _, loaded, _ = load_checkpoint(path)
+    assert type(loaded).__name__ == "Qwen2Tokenizer"
+    chat = [{"role": "system", "content": texts[2]}, {"role": "user", "content": texts[0] + "\n" + texts[1]},
+            {"role": "assistant", "content": "<think>ok; large 12</think><route>small</route>"}]
+    for text in texts[:3] + ["Task 2026: 1234567 steps, $12.3456 left"]:
+        assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"], text
+    assert (loaded.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+            == tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
+    assert tokenizer.tokenize("40") == ["4", "0"]  # one token per digit, as Qwen2 splits them
+
+
 def test_stratified_search_with_one_stratum_picks_the_cheapest_boundary_that_succeeds(tmp_path):
     env = two_query_env(tmp_path, [False])  # small always wrong: only all-large succeeds
     traj = cheapest_successful(env, "train-0", Budget(), seed=0, n_strata=1, samples=3)

@@ -61,12 +61,24 @@ class TinyRouterConfig:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048):
-    """A byte-level BPE tokenizer trained on ``texts``, with the router's tags as single tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE tokenizer trained on ``texts``, with the router's tags as single tokens.
+
+    It splits text exactly as transformers' ``Qwen2Tokenizer`` does (NFC, then Qwen2's
+    pre-tokenizer regex, one token per digit, then byte-level): a saved router has a Qwen2
+    config, so ``AutoTokenizer.from_pretrained`` (and vLLM) load its tokenizer as a
+    ``Qwen2Tokenizer``, which rebuilds that normalizer and pre-tokenizer around the saved
+    vocabulary and merges. A tokenizer trained with any other split would tokenize numbers
+    differently once reloaded than during SFT (tested: the round trip gives the same ids)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
