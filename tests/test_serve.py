@@ -443,4 +443,5 @@ def test_a_tight_usd_budget_caps_the_pool_calls_output(served, client):
     first = response.model_extra["rlrouter"]["trace"][0]
     assert first["tier"] == "small" and first["output_tokens"] == 17 and first["finish_reason"] == "length"
     assert [c["completion_tokens"] for c in pool_ledger(served)] == [17]  # nothing left for a second call
-    assert response.model_extra["rlrouter"]["stopped"] in ("budget", "answer", "max_turns")
+    # the tiny test router's next turn may also be cut by router_max_tokens (a fallback stop)
+    assert response.model_extra["rlrouter"]["stopped"] in ("budget", "answer", "max_turns", "fallback")
