@@ -96,10 +96,7 @@ def run_report(recipe: Recipe, seeds: list[int], variants: list[str], out_dir: s
             run.rl = variant_settings(recipe, variant, boundaries)
             path = run_rl_stage(run, init=sft, out_dir=out_dir / f"{variant}-seed{seed}", progress=progress)
             model, tok, meta = load_checkpoint(path, recipe.pool.names)
-            policy = RouterPolicy(model, tok, recipe.pool.names, max_new_tokens=recipe.router.max_new_tokens,
-                                  batch_size=recipe.router.batch_size, name=variant,
-                                  prompt_mode=meta["router"].get("prompt_mode", "step"),
-                                  cost_weight=meta["router"].get("cost_weight"))
+            policy = RouterPolicy.from_checkpoint(model, tok, meta, recipe, name=variant)
             records = policy.evaluate(lambda: recipe.make_env(recipe.eval.split, world=world), task_ids,
                                       recipe.budgets(), recipe.seed, progress=progress)
             for record in records:

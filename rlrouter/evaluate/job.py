@@ -56,10 +56,7 @@ def eval_recipe(recipe: Recipe, budgets: list[Budget] | None = None, tasks: int 
         routed = []
         for bias in cfg.router_bias:
             name = label if not bias else f"{label}(bias={bias:g})"
-            router = RouterPolicy(model, tokenizer, recipe.pool.names, max_new_tokens=recipe.router.max_new_tokens,
-                                  batch_size=recipe.router.batch_size, route_bias=float(bias),
-                                  prompt_mode=ckpt_meta.get("router", {}).get("prompt_mode", "episode"), name=name,
-                                  cost_weight=ckpt_meta.get("router", {}).get("cost_weight"))
+            router = RouterPolicy.from_checkpoint(model, tokenizer, ckpt_meta, recipe, name=name, route_bias=float(bias))
             routed += router.evaluate(lambda: recipe.make_env(cfg.split, world=world), task_ids, budgets, seed,
                                       progress=progress)
         for record in routed:

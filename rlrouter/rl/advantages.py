@@ -52,6 +52,15 @@ def bopo_advantages(rewards: np.ndarray, ref_small: float, ref_large: float, w_s
     return (rewards - baseline) / (scale + eps)
 
 
+def node_members(routes, t: int, prefix, starts: list[int] | None = None) -> list[int]:
+    """The prefix-tree node at turn ``t`` below ``prefix``: indices of the rollouts whose
+    first ``t`` routes are ``prefix[:t]`` and that played turn ``t`` (with ``starts``: and were
+    samples of the policy by then, i.e. ``starts[j] <= t``)."""
+    prefix = list(prefix[:t])
+    return [j for j, r in enumerate(routes)
+            if len(r) > t and list(r[:t]) == prefix and (starts is None or starts[j] <= t)]
+
+
 def tree_advantages(routes: list[list[int]], rewards: np.ndarray, root_baseline: float, scale: float,
                     eps: float = EPS, tail: bool = False, starts: list[int] | None = None) -> list[np.ndarray]:
     """Per-turn advantages of one group from its prefix tree (see the module docstring).
@@ -70,8 +79,7 @@ def tree_advantages(routes: list[list[int]], rewards: np.ndarray, root_baseline:
         adv = np.zeros(len(mine))
         shared = root_baseline
         for t in range(starts[i], len(mine)):
-            node = [j for j, other in enumerate(routes)
-                    if len(other) > t and starts[j] <= t and other[:t] == mine[:t]]
+            node = node_members(routes, t, mine, starts)
             if tail and len(node) == 1:
                 adv[t] = (rewards[i] - shared) / (scale + eps)
                 continue

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from envs.budget import Budget
 from rlrouter.boundary.runs import LABELS
-from rlrouter.rl.advantages import bopo_advantages, explained_variance, gae, grpo_advantages, tree_advantages
+from rlrouter.rl.advantages import (bopo_advantages, explained_variance, gae, grpo_advantages, node_members,
+                                    tree_advantages)
 from rlrouter.rl.loss import clipped_policy_loss, token_logprobs
 from rlrouter.rl.rewards import REWARD_KINDS, RewardSpec, TaskBoundary, episode_reward, reference_rewards
 from rlrouter.rl.rollout import (EpisodeSpec, HFEngine, Rollout, constraint_masks, play_episodes,
@@ -331,8 +332,9 @@ class RLTrainer:
         for group, played, extra in zip(groups, rollouts, branches):
             spec, cost_lambda = group[0]
             boundary = self.boundaries.get(spec.task_id)
+            members = played + extra  # the branch episodes join the group's prefix tree
             r_all = np.array([episode_reward(self.reward_spec, ro.success, ro.cost_usd, ro.malformed_fraction,
-                                             cost_lambda, boundary) for ro in played + extra])
+                                             cost_lambda, boundary) for ro in members])
             r = r_all[:len(played)]
             rewards.append(r.tolist())
             if s.algorithm == "ppo":
@@ -348,10 +350,10 @@ class RLTrainer:
                 baseline = w * r.mean() + s.ref_weight_small * ref_small + s.ref_weight_large * ref_large
                 scale = np.concatenate([r, [ref_small, ref_large]]).std()
             if s.credit in ("tree", "tree_tail"):
-                routes = [[self.tiers.index(t) for t in ro.routes] for ro in played + extra]
-                starts = [max(len(ro.spec.forced) - 1, 0) for ro in played + extra]
+                routes = [[self.tiers.index(t) for t in ro.routes] for ro in members]
+                starts = [max(len(ro.spec.forced) - 1, 0) for ro in members]
                 tree = tree_advantages(routes, r_all, baseline, scale, tail=s.credit == "tree_tail", starts=starts)
-                advantages.append([a[len(ro.spec.forced):] for a, ro in zip(tree, played + extra)])
+                advantages.append([turns[len(ro.spec.forced):] for turns, ro in zip(tree, members)])
             else:
                 advantages.append([np.full(len(ro.turns), a[i]) for i, ro in enumerate(played)])
         return rewards, advantages
@@ -736,14 +738,13 @@ def choose_branches(played: list[Rollout], k: int, rng: np.random.Generator) -> 
     measured against the group's (BoPO: reference-mixed) baseline, which a branch does not change."""
     routes = [ro.routes for ro in played]
     candidates = {}
-    for i, ro in enumerate(played):
+    for ro in played:
         for t, turn in enumerate(ro.turns[1:], start=1):  # turn 0's credit is against the root's baseline
-            node = [r for r in routes if len(r) > t and r[:t] == routes[i][:t]]
-            if any(r[t] != turn.tier for r in node):
+            if any(routes[j][t] != turn.tier for j in node_members(routes, t, ro.routes)):
                 continue  # the group already compares tiers here
             for tier in turn.allowed:
                 if tier != turn.tier:
-                    candidates.setdefault(tuple(routes[i][:t]) + (tier,), played[i].spec)
+                    candidates.setdefault(tuple(ro.routes[:t]) + (tier,), ro.spec)
     keys = list(candidates)
     picks = rng.choice(len(keys), size=min(k, len(keys)), replace=False)
     return [replace(candidates[keys[c]], forced=keys[c]) for c in sorted(picks)]
@@ -758,7 +759,7 @@ def branch_metrics(played: list[list[Rollout]], branched: list[list[Rollout]], l
         for b in extra:
             episodes += 1
             t = len(b.spec.forced) - 1
-            node = [ro for ro in group if len(ro.routes) > t and ro.routes[:t] == list(b.spec.forced[:t])]
+            node = [group[j] for j in node_members([ro.routes for ro in group], t, b.spec.forced)]
             gap = b.success - np.mean([ro.success for ro in node])
             if large in (b.spec.forced[-1], node[0].routes[t]):
                 gains.append(gap if b.spec.forced[-1] == large else -gap)

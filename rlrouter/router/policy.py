@@ -159,6 +159,17 @@ class RouterPolicy:
         self.name = name
         self.cost_weight = cost_weight
 
+    @classmethod
+    def from_checkpoint(cls, model, tokenizer, meta: dict, recipe, name: str = "router",
+                        route_bias: float = 0.0) -> "RouterPolicy":
+        """A greedy router over a loaded checkpoint (``load_checkpoint``'s model, tokenizer and
+        metadata): the recipe's generation settings, the prompt format and cost weight the
+        checkpoint was trained with (checkpoints older than step prompts used episode prompts)."""
+        trained = meta.get("router", {})
+        return cls(model, tokenizer, recipe.pool.names, max_new_tokens=recipe.router.max_new_tokens,
+                   batch_size=recipe.router.batch_size, route_bias=route_bias, name=name,
+                   prompt_mode=trained.get("prompt_mode", "episode"), cost_weight=trained.get("cost_weight"))
+
     def generate_turns(self, conversations: list[list[dict]], masks: list[np.ndarray]) -> list[Turn]:
         """One assistant turn per conversation, routes constrained to each row's mask."""
 
