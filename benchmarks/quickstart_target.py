@@ -13,8 +13,10 @@ the time), i.e. whether the target is reachable at all from what the router sees
 
 The check above is on the evaluation's 100 tasks and one seed, where success has a standard
 error of about 0.045. A second table gives the same shares in expectation: always-large, the
-cue rule, the cue rule that also goes large on every step once two attempts have failed, and
-the RL routers (greedy) over every held-out task and ``--seeds`` evaluation seeds.
+cue rule, the cue rule that also goes large on every step once two attempts have failed,
+both again reading the step's hidden difficulty instead of its cue (an information ceiling:
+what the rule would reach if the cues never lied), and the RL routers (greedy) over every
+held-out task and ``--seeds`` evaluation seeds.
 
 usage: python benchmarks/quickstart_target.py [--results runs/quickstart/eval/results.json]
        [--recipe recipes/quickstart.yaml] [--json out.json] [--seeds 5]
@@ -34,24 +36,38 @@ COST_SHARE = 0.50
 
 class CueRule:
     """Large on moderate/hard cue phrases and after a failed step; with ``after_failures``,
-    also on every step once that many attempts have failed in the episode."""
+    also on every step once that many attempts have failed in the episode.
 
-    def __init__(self, after_failures: int | None = None):
+    ``hidden=True`` reads the step's true difficulty bucket instead of its cue phrase (what
+    the cue says when it does not lie). No router sees that: the row measures what the
+    world's cue noise costs, an information ceiling for the same rule."""
+
+    def __init__(self, after_failures: int | None = None, hidden: bool = False):
         from envs.worlds.synthetic import CUES
 
         self.bucket = {cue: b for b, cues in enumerate(CUES) for cue in cues}
         self.after_failures = after_failures
-        self.name = "cue-rule" if after_failures is None else f"cue-rule+large-after-{after_failures}-failures"
+        self.hidden = hidden
+        self.name = ("difficulty-rule" if hidden else "cue-rule") + (
+            "" if after_failures is None else f"+large-after-{after_failures}-failures")
 
     def begin(self, env, seed):
         self.env = env
 
+    def step_bucket(self, view) -> int:
+        if self.hidden:
+            from envs.worlds.synthetic import difficulty_bucket
+
+            state = self.env._state  # the world's hidden state: only this ceiling row reads it
+            return difficulty_bucket(state.task.difficulties[min(state.position, state.task.length - 1)])
+        return next(b for cue, b in self.bucket.items() if view["step_text"].startswith(cue + " "))
+
     def act(self, obs, info):
         view = self.env.view()
-        bucket = next(b for cue, b in self.bucket.items() if view["step_text"].startswith(cue + " "))
         failed = bool(view["history"]) and view["history"][-1]["event"] != "ok"
         failures = view["step_index"] - view["position"]
-        want = int(bucket >= 1 or failed or (self.after_failures is not None and failures >= self.after_failures))
+        want = int(self.step_bucket(view) >= 1 or failed
+                   or (self.after_failures is not None and failures >= self.after_failures))
         return want if info["action_mask"][want] else 1 - want
 
 
@@ -71,10 +87,7 @@ def rule_rows(recipe_path: str, policies: list, tasks: int | None, seeds: list[i
     players = []
     for name, path in (routers or {}).items():
         model, tokenizer, meta = load_checkpoint(path, recipe.pool.names)
-        players.append(RouterPolicy(model, tokenizer, recipe.pool.names, max_new_tokens=recipe.router.max_new_tokens,
-                                    batch_size=recipe.router.batch_size, name=name,
-                                    prompt_mode=meta.get("router", {}).get("prompt_mode", "episode"),
-                                    cost_weight=meta.get("router", {}).get("cost_weight")))
+        players.append(RouterPolicy.from_checkpoint(model, tokenizer, meta, recipe, name=name))
     per_seed = []
     for seed in seeds:
         records, _ = evaluate(env, policies, task_ids, [Budget()], seed=seed, progress=False)
@@ -92,7 +105,8 @@ def print_expectation(recipe_path: str, seeds: int, routers: dict[str, str]) -> 
     standard error of about 0.045 on success)."""
     from rlrouter.evaluate.baselines import AlwaysTier
 
-    policies = [AlwaysTier(1, "always-large"), CueRule(), CueRule(after_failures=2)]
+    policies = [AlwaysTier(1, "always-large"), CueRule(), CueRule(after_failures=2),
+                CueRule(hidden=True), CueRule(after_failures=2, hidden=True)]
     rows = {r["policy"]: r for r in rule_rows(recipe_path, policies, None, list(range(seeds)), routers)}
     large = rows.pop("always-large")
     print(f"\nIn expectation (every held-out task x {seeds} evaluation seeds, budget none): always-large "

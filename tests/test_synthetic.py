@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from envs import Pool, make_routing_env
-from envs.worlds.synthetic import CUES, SyntheticConfig, SyntheticWorld
+from envs.worlds.synthetic import CUES, SyntheticConfig, SyntheticWorld, difficulty_bucket
 from rlrouter.boundary import boundary_runs, classify, taxonomy_counts
 
 
@@ -39,6 +39,27 @@ def test_cues_correlate_with_step_difficulty():
             (hard if d >= 0.7 else routine).append(is_hard_cue)
     # fidelity 0.8: most hard steps carry a hard cue, few routine ones do
     assert np.mean(hard) > 0.75 and np.mean(routine) < 0.15
+
+
+def test_faithful_cues_name_the_difficulty_bucket():
+    w = world(cue_fidelity=1.0)
+    bucket_of = {c: b for b, cues in enumerate(CUES) for c in cues}
+    seen, forced = set(), 0
+    for tid in w.task_ids("train")[:200]:
+        t = w.task(tid)
+        off = []
+        for d, text in zip(t.difficulties, t.step_texts):
+            cue = next(c for c in bucket_of if text.startswith(c + " "))
+            # buckets by hand: routine below 0.4, moderate below 0.7, hard from 0.7
+            assert difficulty_bucket(d) == (0 if d < 0.4 else 1 if d < 0.7 else 2)
+            if bucket_of[cue] != difficulty_bucket(d) and d not in (0.4, 0.7):  # stored rounded to 4 places
+                off.append((bucket_of[cue], difficulty_bucket(d)))
+            seen.add(bucket_of[cue])
+        # the one exception: the critical step forced into a medium task that drew none
+        # always reads hard, even at a moderate difficulty
+        assert off in ([], [(2, 1)]) and (not off or t.archetype == "medium")
+        forced += len(off)
+    assert seen == {0, 1, 2} and 0 < forced < 20
 
 
 def test_large_succeeds_whenever_small_does_on_the_same_draw():

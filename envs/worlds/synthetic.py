@@ -7,7 +7,8 @@ model, some solvable only by the large one, and some intractable for both.
 
 The text of each step carries a cue phrase that matches its difficulty bucket with
 probability ``cue_fidelity`` (else a random bucket's phrase), so a text router can learn
-which steps need the large model, but not perfectly.
+which steps need the large model, but not perfectly. (A medium or hard task that drew no
+critical step gets one, and its cue always reads hard, even at a moderate difficulty.)
 
 Executors are simulated per tier: a step is correct with probability
 ``sigmoid(sharpness * (skill - difficulty_eff))``. A wrong step is *fatal* (episode
@@ -61,6 +62,11 @@ CUES = [
 ]
 
 ARCHETYPES = ("easy", "medium", "hard")
+
+
+def difficulty_bucket(difficulty: float) -> int:
+    """The cue bucket a step's difficulty belongs to: 0 routine, 1 moderate, 2 hard."""
+    return 0 if difficulty < 0.4 else (1 if difficulty < 0.7 else 2)
 
 # Skill profiles of the simulated executors, by tier name.
 DEFAULT_EXECUTORS = {
@@ -204,7 +210,7 @@ class SyntheticWorld(World):
                 d = float(rng.uniform(*c.critical_difficulty[arch]))
             else:
                 d = float(rng.uniform(*c.routine_difficulty))
-            bucket = 0 if d < 0.4 else (1 if d < 0.7 else 2)
+            bucket = difficulty_bucket(d)
             if rng.random() >= c.cue_fidelity:
                 bucket = int(rng.integers(3))
             cue = CUES[bucket][int(rng.integers(len(CUES[bucket])))]
