@@ -129,9 +129,10 @@ def test_branches_are_chosen_where_the_whole_node_chose_alike_and_the_other_tier
     from rlrouter.rl.rollout import Rollout, RouterTurn
     from rlrouter.rl.trainer import choose_branches
 
-    def rollout(tiers, allowed):
+    def rollout(tiers, allowed, failed=()):
         ro = Rollout(EpisodeSpec("train-0", Budget(), seed=7))
-        ro.turns = [RouterTurn([], [], None, t, True, a) for t, a in zip(tiers, allowed)]
+        ro.turns = [RouterTurn([], [], None, t, True, a, after_failure=k in failed)
+                    for k, (t, a) in enumerate(zip(tiers, allowed))]
         return ro
 
     both, small = ["small", "large"], ["small"]
@@ -144,6 +145,11 @@ def test_branches_are_chosen_where_the_whole_node_chose_alike_and_the_other_tier
     assert sorted(s.forced for s in specs) == [("small", "large"), ("small", "small", "large", "large")]
     assert all(s.seed == 7 and s.task_id == "train-0" for s in specs)
     assert len(choose_branches(played, 1, np.random.default_rng(0))) == 1
+    # branch_on failure: only the turns right after a failed step (rollout 0: turns 2 and 3;
+    # at turn 2 the node already compares tiers)
+    played[0].turns = rollout(["small", "small", "large", "small"], [both] * 4, failed={2, 3}).turns
+    specs = choose_branches(played, 10, np.random.default_rng(0), on="failure")
+    assert [s.forced for s in specs] == [("small", "small", "large", "large")]
 
 
 def test_gae_over_router_turns_matches_the_hand_computation():
@@ -211,6 +217,7 @@ def test_token_logprobs_match_log_softmax():
     ("task_taxonomy", [], "rl.task_taxonomy"),
     ("branches", -1, "rl.branches"),
     ("branches", 2, "rl.branches gives tree credit"),  # with the default episode credit
+    ("branch_on", "success", "rl.branch_on"),
 ])
 def test_rl_settings_name_the_bad_field(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -306,6 +313,13 @@ def test_forced_tiers_replay_the_episode_and_the_router_takes_over_in_the_same_s
     for ro, again in zip(played, replays):  # greedy: the same episode, two steps taken without the router
         assert again.routes == ro.routes and again.cost_usd == ro.cost_usd and again.success == ro.success
         assert again.turns[0].prompt_ids == ro.turns[2].prompt_ids
+    for ro, again in zip(played, replays):  # each turn knows whether the step before it failed
+        env = make_env()
+        env.reset(seed=ro.spec.seed, options={"task_id": ro.spec.task_id, "budget": ro.spec.budget})
+        failed = [False] + [not env.step(recipe.pool.names.index(t))[4]["step_ok"] for t in ro.routes[:-1]]
+        assert [t.after_failure for t in ro.turns] == failed
+        assert [t.after_failure for t in again.turns] == failed[2:]
+    assert any(t.after_failure for ro in played for t in ro.turns)
     other = {"small": "large", "large": "small"}
     flipped = play_episodes(engine, make_env, [EpisodeSpec(ro.spec.task_id, ro.spec.budget, ro.spec.seed,
                                                            forced=(ro.routes[0], other[ro.routes[1]]))

@@ -64,6 +64,7 @@ class RouterTurn:
     well_formed: bool
     allowed: list[str]
     constrained: bool = True
+    after_failure: bool = False  # the step before this turn failed (``rl.branch_on: failure``)
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,7 @@ def play_episodes(engine, make_env: Callable[[], RoutingEnv], specs: list[Episod
             except RouteFormatError:
                 tier, well_formed = parse_tolerant(text, tiers, fallback=row_allowed[0]).tier, False
             rollouts[i].turns.append(RouterTurn(prompt, gen.ids, gen.logprobs, tier, well_formed, row_allowed,
-                                                constrain))
+                                                constrain, infos[i].get("step_ok") is False))
             mask = infos[i]["action_mask"]
             action = tiers.index(tier)
             if mask.any() and not mask[action]:  # only possible with constrain=False

@@ -65,6 +65,8 @@ class RLSettings:
             joins that node of the tree, so the turn's credit compares the two tiers ((R_i −
             R_branch) / 2 for a rollout that was alone; ``advantages.tree_advantages`` with
             ``starts``). Costs one partial episode per branch; not turn 0 (see ``choose_branches``).
+        branch_on: which of those turns may be branched: ``any``, or ``failure`` (only turns
+            right after a failed step, where retrying with another tier is the decision).
         reward: ``bopo`` (boundary-relative, difficulty bonus) or ``cost`` (1[success] − λ·$).
         init: checkpoint to start from (default: the recipe's SFT checkpoint).
         engine: rollout engine, ``hf`` (transformers generate) or ``vllm`` (in-process engine).
@@ -113,6 +115,7 @@ class RLSettings:
     algorithm: str = "bopo"
     credit: str = "episode"
     branches: int = 0
+    branch_on: str = "any"
     reward: str = "bopo"
     init: str | None = None
     engine: str = "hf"
@@ -168,6 +171,8 @@ class RLSettings:
             raise ValueError(f"rl.credit must be 'episode', 'tree' or 'tree_tail', got {self.credit!r}")
         if self.branches < 0:
             raise ValueError(f"rl.branches must be >= 0, got {self.branches}")
+        if self.branch_on not in ("any", "failure"):
+            raise ValueError(f"rl.branch_on must be 'any' or 'failure', got {self.branch_on!r}")
         if self.branches and (self.algorithm == "ppo" or self.credit == "episode"):
             raise ValueError("rl.branches gives tree credit: it needs rl.credit tree or tree_tail with grpo or bopo, "
                              f"got credit {self.credit!r} with {self.algorithm!r}")
@@ -578,7 +583,7 @@ class RLTrainer:
         branched = [[] for _ in groups]
         if s.branches:
             start = time.perf_counter()
-            branch_specs = [choose_branches(group, s.branches, rng) for group in played]
+            branch_specs = [choose_branches(group, s.branches, rng, s.branch_on) for group in played]
             branch_flat, _ = self.play([b for group in branch_specs for b in group], stream=1)
             sizes = np.cumsum([0] + [len(b) for b in branch_specs])
             branched = [branch_flat[a:b] for a, b in zip(sizes[:-1], sizes[1:])]
@@ -730,16 +735,19 @@ class RLTrainer:
                                                        map_location=self.device))
 
 
-def choose_branches(played: list[Rollout], k: int, rng: np.random.Generator) -> list[EpisodeSpec]:
+def choose_branches(played: list[Rollout], k: int, rng: np.random.Generator, on: str = "any") -> list[EpisodeSpec]:
     """Up to ``k`` branch episodes for one group (``rl.branches``): each replays a rollout's
     routes up to a turn where its whole prefix-tree node chose alike (so tree credit gives
     that turn nothing) and takes another tier the budget allowed there. Turns in the same
     state (same prefix, same forced tier) are one candidate. Not turn 0: its credit is
-    measured against the group's (BoPO: reference-mixed) baseline, which a branch does not change."""
+    measured against the group's (BoPO: reference-mixed) baseline, which a branch does not change.
+    ``on="failure"``: only turns right after a failed step."""
     routes = [ro.routes for ro in played]
     candidates = {}
     for ro in played:
         for t, turn in enumerate(ro.turns[1:], start=1):  # turn 0's credit is against the root's baseline
+            if on == "failure" and not turn.after_failure:
+                continue
             if any(routes[j][t] != turn.tier for j in node_members(routes, t, ro.routes)):
                 continue  # the group already compares tiers here
             for tier in turn.allowed:
