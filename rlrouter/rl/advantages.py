@@ -40,16 +40,23 @@ def grpo_advantages(rewards: np.ndarray, eps: float = EPS) -> np.ndarray:
     return (rewards - rewards.mean()) / (rewards.std() + eps)
 
 
-def bopo_advantages(rewards: np.ndarray, ref_small: float, ref_large: float, w_small: float = 0.25,
-                    w_large: float = 0.25, eps: float = EPS) -> np.ndarray:
-    """Reference-guided advantages; with w_small = w_large = 0 the baseline is the group
-    mean (the scale still pools the references)."""
+def bopo_baseline(rewards: np.ndarray, ref_small: float, ref_large: float, w_small: float = 0.25,
+                  w_large: float = 0.25) -> tuple[float, float]:
+    """BoPO's (baseline, scale) for one group: the group mean mixed with the two boundary
+    policies' rewards, and the std of the group pooled with them."""
     rewards = np.asarray(rewards, dtype=np.float64)
     if w_small < 0 or w_large < 0 or w_small + w_large > 1:
         raise ValueError(f"reference weights must be >= 0 and sum to <= 1, got {w_small}, {w_large}")
     baseline = (1 - w_small - w_large) * rewards.mean() + w_small * ref_small + w_large * ref_large
-    scale = np.concatenate([rewards, [ref_small, ref_large]]).std()
-    return (rewards - baseline) / (scale + eps)
+    return float(baseline), float(np.concatenate([rewards, [ref_small, ref_large]]).std())
+
+
+def bopo_advantages(rewards: np.ndarray, ref_small: float, ref_large: float, w_small: float = 0.25,
+                    w_large: float = 0.25, eps: float = EPS) -> np.ndarray:
+    """Reference-guided advantages; with w_small = w_large = 0 the baseline is the group
+    mean (the scale still pools the references)."""
+    baseline, scale = bopo_baseline(rewards, ref_small, ref_large, w_small, w_large)
+    return (np.asarray(rewards, dtype=np.float64) - baseline) / (scale + eps)
 
 
 def node_members(routes, t: int, prefix, starts: list[int] | None = None) -> list[int]:

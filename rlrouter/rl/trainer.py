@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from envs.budget import Budget
 from rlrouter.boundary.runs import LABELS
-from rlrouter.rl.advantages import (bopo_advantages, explained_variance, gae, grpo_advantages, node_members,
-                                    tree_advantages)
+from rlrouter.rl.advantages import (bopo_advantages, bopo_baseline, explained_variance, gae, grpo_advantages,
+                                    node_members, tree_advantages)
 from rlrouter.rl.loss import clipped_policy_loss, token_logprobs
 from rlrouter.rl.rewards import REWARD_KINDS, RewardSpec, TaskBoundary, episode_reward, reference_rewards
 from rlrouter.rl.rollout import (EpisodeSpec, HFEngine, Rollout, constraint_masks, play_episodes,
@@ -351,9 +351,7 @@ class RLTrainer:
             else:
                 ref_small, ref_large = reference_rewards(self.reward_spec, boundary, cost_lambda)
                 a = bopo_advantages(r, ref_small, ref_large, s.ref_weight_small, s.ref_weight_large)
-                w = 1 - s.ref_weight_small - s.ref_weight_large
-                baseline = w * r.mean() + s.ref_weight_small * ref_small + s.ref_weight_large * ref_large
-                scale = np.concatenate([r, [ref_small, ref_large]]).std()
+                baseline, scale = bopo_baseline(r, ref_small, ref_large, s.ref_weight_small, s.ref_weight_large)
             if s.credit in ("tree", "tree_tail"):
                 routes = [[self.tiers.index(t) for t in ro.routes] for ro in members]
                 starts = [max(len(ro.spec.forced) - 1, 0) for ro in members]
