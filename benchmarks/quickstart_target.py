@@ -94,7 +94,7 @@ def rule_rows(recipe_path: str, policies: list, tasks: int | None, seeds: list[i
         for router in players:
             records += router.evaluate(lambda: recipe.make_env(recipe.eval.split, world=env.world), task_ids,
                                        [Budget()], seed, progress=False)
-        per_seed.append(summarize(records, recipe.pool.tiers[-1].name))
+        per_seed.append(summarize(records, recipe.pool.priciest.name))
     return [{**row, **{key: sum(s[i][key] for s in per_seed) / len(seeds) for key in ("success", "mean_cost_usd")}}
             for i, row in enumerate(per_seed[0])]
 

@@ -34,10 +34,20 @@ import numpy as np
 EPS = 1e-6
 
 
+def normalized(rewards: np.ndarray, baseline: float, scale: float, eps: float = EPS) -> np.ndarray:
+    """(R − baseline) / (scale + ε): every estimator's episode-level advantage."""
+    return (np.asarray(rewards, dtype=np.float64) - baseline) / (scale + eps)
+
+
+def grpo_baseline(rewards: np.ndarray) -> tuple[float, float]:
+    """GRPO's (baseline, scale) for one group: the group's mean and std."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    return float(rewards.mean()), float(rewards.std())
+
+
 def grpo_advantages(rewards: np.ndarray, eps: float = EPS) -> np.ndarray:
     """Group-normalized advantages of the G rewards of one task."""
-    rewards = np.asarray(rewards, dtype=np.float64)
-    return (rewards - rewards.mean()) / (rewards.std() + eps)
+    return normalized(rewards, *grpo_baseline(rewards), eps)
 
 
 def bopo_baseline(rewards: np.ndarray, ref_small: float, ref_large: float, w_small: float = 0.25,
@@ -55,8 +65,7 @@ def bopo_advantages(rewards: np.ndarray, ref_small: float, ref_large: float, w_s
                     w_large: float = 0.25, eps: float = EPS) -> np.ndarray:
     """Reference-guided advantages; with w_small = w_large = 0 the baseline is the group
     mean (the scale still pools the references)."""
-    baseline, scale = bopo_baseline(rewards, ref_small, ref_large, w_small, w_large)
-    return (np.asarray(rewards, dtype=np.float64) - baseline) / (scale + eps)
+    return normalized(rewards, *bopo_baseline(rewards, ref_small, ref_large, w_small, w_large), eps)
 
 
 def node_members(routes, t: int, prefix, starts: list[int] | None = None) -> list[int]:

@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from envs.budget import Budget
 from rlrouter.boundary.runs import LABELS
-from rlrouter.rl.advantages import (bopo_advantages, bopo_baseline, explained_variance, gae, grpo_advantages,
-                                    node_members, tree_advantages)
+from rlrouter.rl.advantages import (bopo_baseline, explained_variance, gae, grpo_baseline, node_members, normalized,
+                                    tree_advantages)
 from rlrouter.rl.loss import clipped_policy_loss, token_logprobs
 from rlrouter.rl.rewards import REWARD_KINDS, RewardSpec, TaskBoundary, episode_reward, reference_rewards
 from rlrouter.rl.rollout import (EpisodeSpec, HFEngine, Rollout, constraint_masks, play_episodes,
@@ -346,11 +346,9 @@ class RLTrainer:
                 advantages.append([None] * len(played))  # PPO: GAE after the value pass
                 continue
             if s.algorithm == "grpo":
-                a = grpo_advantages(r)
-                baseline, scale = r.mean(), r.std()
+                baseline, scale = grpo_baseline(r)
             else:
                 ref_small, ref_large = reference_rewards(self.reward_spec, boundary, cost_lambda)
-                a = bopo_advantages(r, ref_small, ref_large, s.ref_weight_small, s.ref_weight_large)
                 baseline, scale = bopo_baseline(r, ref_small, ref_large, s.ref_weight_small, s.ref_weight_large)
             if s.credit in ("tree", "tree_tail"):
                 routes = [[self.tiers.index(t) for t in ro.routes] for ro in members]
@@ -358,7 +356,8 @@ class RLTrainer:
                 tree = tree_advantages(routes, r_all, baseline, scale, tail=s.credit == "tree_tail", starts=starts)
                 advantages.append([turns[len(ro.spec.forced):] for turns, ro in zip(tree, members)])
             else:
-                advantages.append([np.full(len(ro.turns), a[i]) for i, ro in enumerate(played)])
+                episode = normalized(r, baseline, scale)  # grpo_advantages / bopo_advantages
+                advantages.append([np.full(len(ro.turns), a) for a, ro in zip(episode, played)])
         return rewards, advantages
 
     def build_batch(self, flat: list[Rollout]) -> Batch:
