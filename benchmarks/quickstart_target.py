@@ -115,7 +115,7 @@ def print_expectation(recipe_path: str, seeds: int, routers: dict[str, str]) -> 
     print("|---|---|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['success']:.3f} | {row['mean_cost_usd']:.5f} | "
-              f"{row['success'] / large['success']:.1%} | {row['mean_cost_usd'] / large['mean_cost_usd']:.1%} |")
+              f"{row['success'] / large['success']:.2%} | {row['mean_cost_usd'] / large['mean_cost_usd']:.2%} |")
 
 
 def main() -> int:
@@ -156,8 +156,8 @@ def main() -> int:
     print("\n| policy | success | mean cost ($) | of always-large's success | of its cost | meets target |")
     print("|---|---|---|---|---|---|")
     for t in table:
-        print(f"| {t['policy']} | {t['success']:.3f} | {t['mean_cost_usd']:.5f} | {t['success_vs_large']:.1%} | "
-              f"{t['cost_vs_large']:.1%} | {'yes' if t['meets_target'] else 'no'} |")
+        print(f"| {t['policy']} | {t['success']:.3f} | {t['mean_cost_usd']:.5f} | {t['success_vs_large']:.2%} | "
+              f"{t['cost_vs_large']:.2%} | {'yes' if t['meets_target'] else 'no'} |")
     print(f"\nRL target {'MET' if met else 'NOT met'}")
     if args.seeds:
         rl = {name: path for name, path in meta.get("checkpoints", {}).items() if name != "sft"}
