@@ -79,7 +79,7 @@ def rule_rows(recipe_path: str, policies: list, tasks: int | None, seeds: list[i
     from rlrouter.config import load_recipe
     from rlrouter.evaluate.runner import evaluate, summarize
     from rlrouter.router.checkpoint import load_checkpoint
-    from rlrouter.router.policy import RouterPolicy
+    from rlrouter.evaluate.router_policy import RouterPolicy
 
     recipe = load_recipe(recipe_path)
     env = recipe.make_env(recipe.eval.split)

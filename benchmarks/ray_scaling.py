@@ -42,7 +42,7 @@ def main() -> None:
     from envs import Budget
     from rlrouter.config import recipe_from_dict
     from rlrouter.distributed import RayRollouts, connect
-    from rlrouter.rl.rollout import EpisodeSpec
+    from rlrouter.router.episodes import EpisodeSpec
     from rlrouter.router.checkpoint import load_checkpoint
     from rlrouter.serve.local_pool import LocalPoolServer
 

@@ -54,7 +54,7 @@ def measure(engine, recipe, episodes: int) -> dict:
     import torch
 
     from envs import Budget
-    from rlrouter.rl.rollout import EpisodeSpec, play_episodes
+    from rlrouter.router.episodes import EpisodeSpec, play_episodes
 
     env = recipe.make_env("train")
     world = env.world
@@ -97,7 +97,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from rlrouter.config import load_recipe
-    from rlrouter.rl.rollout import HFEngine, VLLMEngine
+    from rlrouter.router.generation import HFEngine, VLLMEngine
     from rlrouter.router.checkpoint import load_checkpoint
 
     recipe = load_recipe(args.recipe)

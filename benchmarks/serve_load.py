@@ -112,7 +112,7 @@ async def raw_generation(checkpoint: Path, config, bodies: list[dict], clients: 
     from envs import Budget
     from rlrouter.router.checkpoint import read_meta
     from rlrouter.router.prompt import route_regex
-    from rlrouter.serve.engine import RouterEngine
+    from rlrouter.router.generation import AsyncRouterEngine
     from rlrouter.serve.service import RouterService, Spend, pool_descriptors
 
     # the server's own prompt building, without its engine, pool client or metrics
@@ -123,7 +123,7 @@ async def raw_generation(checkpoint: Path, config, bodies: list[dict], clients: 
         budget = Budget.from_dict(body["budget"])
         spend = Spend(body["spent"]["usd"], body["spent"]["calls"])
         work.append((service.step_prompt(body, budget, spend), route_regex(service.step_allowed(body, budget, spend))))
-    engine = RouterEngine(checkpoint, max_model_len=2048)
+    engine = AsyncRouterEngine(checkpoint, max_model_len=2048)
     try:
         await engine.generate(work[0][0], work[0][1], config.router_max_tokens)  # warm-up, as the server had
         before = cpu_seconds(os.getpid())

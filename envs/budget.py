@@ -106,6 +106,23 @@ def parse_budget_arg(text: str) -> list[Budget]:
     return [Budget.from_dict({key.strip(): _number(v, text)}, where=f"--budget {text}") for v in values.split(",")]
 
 
+def parse_budgets(specs, where: str = "budgets") -> list[Budget]:
+    """A recipe's list of budget specs (``[none, large_calls=5, usd=0.05]`` or mappings);
+    a bad entry raises ``ValueError`` naming ``where`` and its index."""
+    if not isinstance(specs, list):
+        raise ValueError(f"{where} must be a list like [none, large_calls=5, usd=0.05]")
+    budgets: list[Budget] = []
+    for i, spec in enumerate(specs):
+        try:
+            if isinstance(spec, Mapping):
+                budgets.append(Budget.from_dict(spec, where=f"{where}[{i}]"))
+            else:
+                budgets += parse_budget_arg(str(spec))
+        except ValueError as err:
+            raise ValueError(f"{where}[{i}]: {err}") from None
+    return budgets
+
+
 def _number(value: str, text: str) -> float | int:
     try:
         number = float(value)

@@ -30,54 +30,38 @@ tokens than ours) plus 64, and ``max_tokens`` output (the request's own cap).
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
 
+from envs.openai_client import ChatCallError, ChatEndpoint, usage_tokens
 from envs.pool import Tier
 from envs.tokens import count_tokens
-from envs.worlds.textgame import AGENT_SYSTEM_PROMPT, Move
 
-RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-MAX_RETRY_AFTER_S = 10.0
 ACTION_RE = re.compile(r"^\s*action\s*:\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
+
+
+AGENT_SYSTEM_PROMPT = (
+    "You are an agent in a text environment. Each turn you see the task, your recent commands with "
+    "what they did, and the current observation. Think briefly, then reply with one line "
+    "'Action: <command>' holding exactly one command the game accepts."
+)
+
+
+@dataclass
+class Move:
+    """A command an executor wrote, with the tokens the call used."""
+
+    command: str | None
+    input_tokens: int
+    output_tokens: int
+    event: str | None = None  # what a simulated executor knows it wrote: "gold", "wrong" or "look"
+    note: str = ""  # why there is no command
 
 
 class ExecutorError(RuntimeError):
     """A real executor's call failed for good (after its retries)."""
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """A ``Retry-After`` header in seconds, clipped to [0, 10]; None when absent or not a number."""
-    try:
-        return min(max(float(value), 0.0), MAX_RETRY_AFTER_S) if value is not None else None
-    except ValueError:
-        return None
-
-
-def error_message(status: int, body: bytes | str | None) -> str:
-    """``HTTP <status>[: <the server's error message>]`` from an OpenAI-style error body."""
-    try:
-        message = json.loads(body or b"{}").get("error", {})
-        message = message.get("message") if isinstance(message, dict) else message
-    except (ValueError, AttributeError):
-        message = None
-    return f"HTTP {status}" + (f": {str(message)[:200]}" if message else "")
-
-
-def usage_tokens(data: dict) -> tuple[int, int] | None:
-    """(prompt, completion) tokens of an OpenAI-style response's ``usage``; None without one."""
-    usage = data.get("usage") or {}
-    try:
-        return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 def parse_action(reply: str, admissible: list[str]) -> tuple[str | None, str]:
@@ -119,10 +103,18 @@ class OpenAIExecutor:
         if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(self.api_key_env)):
             raise ValueError(f"pool tier {self.tier!r}: executor.api_key_env must name an environment variable "
                              f"(e.g. OPENAI_API_KEY), not hold the key itself")
-        self.url = str(self.endpoint).rstrip("/") + "/chat/completions"
-        self.calls = 0
-        self.retries = 0
+        self.client = ChatEndpoint(self.endpoint, self.model, self.api_key_env, self.timeout_s, self.max_retries,
+                                   self.retry_backoff_s)
+        self.url = self.client.url
         self.invalid = 0
+
+    @property
+    def calls(self) -> int:
+        return self.client.calls
+
+    @property
+    def retries(self) -> int:
+        return self.client.retries
 
     def messages(self, world, state) -> list[dict]:
         c = world.config
@@ -156,43 +148,18 @@ class OpenAIExecutor:
         return Move(command, n_in, n_out, None, why)
 
     def complete(self, messages: list[dict], extra: dict | None = None) -> dict:
-        """One chat completion with bounded retries; the parsed JSON response."""
-        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
-                           "temperature": self.temperature, **(extra or {})}).encode()
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        failures = []
-        for k in range(self.max_retries + 1):
-            wait = None
-            self.calls += 1
-            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
-                    payload = reply.read()
-                try:
-                    return json.loads(payload)
-                except ValueError:
-                    raise ExecutorError(f"pool tier {self.tier!r}: {self.url} answered 200 with a body that is not "
-                                        "JSON; is it an OpenAI-compatible server?") from None
-            except urllib.error.HTTPError as err:
-                failures.append(error_message(err.code, err.read()))
-                if err.code not in RETRYABLE_STATUS:
-                    hint = (f"; check the key in ${self.api_key_env}" if err.code in (401, 403) and self.api_key_env
-                            else "")
-                    raise ExecutorError(f"pool tier {self.tier!r}: {self.url} refused the call "
-                                        f"({failures[-1]}){hint}") from None
-                wait = retry_after_seconds(err.headers.get("Retry-After"))
-            except (TimeoutError, urllib.error.URLError, OSError) as err:
-                reason = getattr(err, "reason", err)
-                failures.append(f"timeout after {self.timeout_s:g}s" if isinstance(reason, TimeoutError)
-                                or "timed out" in str(reason) else f"connection error: {reason}")
-            if k < self.max_retries:
-                self.retries += 1
-                time.sleep(wait if wait is not None else self.retry_backoff_s * 2 ** k)
-        raise ExecutorError(f"pool tier {self.tier!r}: {len(failures)} attempt(s) at {self.url} failed; last: "
-                            f"{failures[-1]}")
+        """One chat completion with bounded retries (``envs.openai_client``); the parsed JSON response."""
+        try:
+            return self.client.complete(messages, self.max_tokens, {"temperature": self.temperature, **(extra or {})})[0]
+        except ChatCallError as err:
+            last = err.attempts[-1].error
+            if err.refused:
+                status = err.attempts[-1].status
+                hint = f"; check the key in ${self.api_key_env}" if status in (401, 403) and self.api_key_env else ""
+                raise ExecutorError(f"pool tier {self.tier!r}: {self.url} refused the call ({last}){hint}") from None
+            if err.attempts[-1].status == 200:
+                raise ExecutorError(f"pool tier {self.tier!r}: {self.url} {last}") from None
+            raise ExecutorError(f"pool tier {self.tier!r}: {err}") from None
 
 
 @dataclass(frozen=True)

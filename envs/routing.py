@@ -64,7 +64,7 @@ class RoutingEnv(gym.Env):
     - ``success_reward``: reward for solving the task (default 1).
     - ``split``: ``"train"`` or ``"test"`` — which task ids ``reset`` draws from.
     - ``masked_action``: ``"error"`` (default) or ``"remap"``.
-    - ``history_window``: steps of history shown in the prompt (default 8).
+    - ``history_window``: steps of history shown in the prompt (default 4).
     - ``taxonomy``: optional ``{task_id: "easy" | "hard" | "intractable"}`` for ``info``.
 
     ## Example
@@ -90,7 +90,7 @@ class RoutingEnv(gym.Env):
         success_reward: float = 1.0,
         split: str = "train",
         masked_action: str = "error",
-        history_window: int = 8,
+        history_window: int = 4,
         taxonomy: dict[str, str] | None = None,
         render_mode: str | None = None,
     ):
@@ -237,6 +237,7 @@ class RoutingEnv(gym.Env):
                 name: cap - self.ledger.calls.get(name, 0) for name, cap in self.budget.max_calls.items()
             },
             "history": [{"tier": t, "event": e, "observation": o} for t, e, o in self.history],
+            "history_window": self.history_window,
             "action_mask": self._mask.tolist(),
         }
 

@@ -119,7 +119,10 @@ def _report(args) -> int:
     variants = args.variants.split(",") if args.variants else list(VARIANTS)
     if args.iterations:
         recipe.rl.iterations = args.iterations
-    result = run_report(recipe, seeds, variants, out_dir=args.out, tasks=args.tasks, progress=not args.quiet)
+    from rlrouter.pipeline import run_rl_stage
+
+    result = run_report(recipe, run_rl_stage, seeds, variants, out_dir=args.out, tasks=args.tasks,
+                        progress=not args.quiet)
     print(ablation_table(result["rows"]))
     for kind, path in result["paths"].items():
         print(f"{kind}: {path}")

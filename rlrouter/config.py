@@ -12,7 +12,7 @@ Every error names the file and the field, and says what would be valid. A recipe
       tiers:
         - {name: small, usd_per_1m_input: 0.40, usd_per_1m_output: 1.60}
         - {name: large, usd_per_1m_input: 2.00, usd_per_1m_output: 8.00}
-    env: {cost_lambda: 2.0, history_window: 8}
+    env: {history_window: 4}
     eval:
       tasks: 200
       budgets: [none, large_calls=5, large_calls=10, usd=0.05]
@@ -26,8 +26,11 @@ from typing import Any, Mapping
 
 import yaml
 
-from envs import Budget, Pool, RoutingEnv, build_world, parse_budget_arg
+from envs import Budget, Pool, RoutingEnv, build_world
+from envs.budget import parse_budgets as budget_list
 from envs.worlds import World
+from rlrouter.rl.config import RLConfig
+from rlrouter.sft.train import SFTSettings
 
 STAGES = ("synth", "sft", "rl", "eval")  # stages `rlrouter train` can run, in pipeline order
 BASELINES = ("always-small", "always-large", "random", "first-large", "escalate", "oracle")
@@ -44,6 +47,10 @@ def _section(cls, data: Any, where: str):
         raise RecipeError(f"{where} must be a mapping, got {type(data).__name__}")
     names = {f.name for f in fields(cls)}
     unknown = set(data) - names
+    for name in sorted(unknown):
+        moved = REMOVED_FIELDS.get(f"{where.rpartition(': ')[2]}.{name}")
+        if moved:
+            raise RecipeError(f"{where}: {name} was removed: {moved}; delete the field")
     if unknown:
         raise RecipeError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(names)}")
     try:
@@ -57,16 +64,30 @@ class EnvSection:
     """RoutingEnv settings shared by every stage.
 
     Attributes:
-        cost_lambda: λ, reward per dollar spent (return = 1[success] - λ·cost).
-        success_reward: reward for solving the task.
-        history_window: steps of history in the router prompt.
+        history_window: steps of history in the router's step prompt (and the env's
+            ``obs["prompt"]``): the one window that synthesis, RL, evaluation and serving
+            all show the router (written into checkpoints for the server).
         masked_action: ``error`` or ``remap`` (what a budget-masked action does).
+
+    A recipe has one λ, ``rl.cost_lambda``: RoutingEnv's own reward shaping
+    (``cost_lambda``, ``success_reward``) is for Gymnasium users and no stage reads it, so
+    a recipe cannot set it.
     """
 
-    cost_lambda: float = 0.0
-    success_reward: float = 1.0
-    history_window: int = 8
+    history_window: int = 4
     masked_action: str = "error"
+
+
+REMOVED_FIELDS = {  # fields a recipe may still carry, and where their meaning went
+    "env.cost_lambda": "the recipe's one λ is rl.cost_lambda (RoutingEnv's reward is not what trains)",
+    "env.success_reward": "RoutingEnv's reward is not what trains; rl.reward sets the RL reward",
+    "rl.branches": "branch episodes measured to move the router along the λ curve, not past it (docs/rl.md)",
+    "rl.branch_on": "branch episodes measured to move the router along the λ curve, not past it (docs/rl.md)",
+    "rl.prompt_cost_weight": "routers are no longer conditioned on λ in the prompt",
+    "rl.eval_cost_weight": "routers are no longer conditioned on λ in the prompt",
+    "rl.eval_every": "evaluate checkpoints with `rlrouter eval --checkpoint` (the same episodes as the baselines)",
+    "rl.eval_tasks": "evaluate checkpoints with `rlrouter eval --checkpoint` (the same episodes as the baselines)",
+}
 
 
 @dataclass
@@ -219,8 +240,8 @@ class Recipe:
     eval: EvalSection
     synth: SynthSection = field(default_factory=SynthSection)
     router: RouterSection = field(default_factory=RouterSection)
-    sft: "SFTSettings" = None
-    rl: "RLSettings" = None
+    sft: SFTSettings = None
+    rl: RLConfig = None
     ray: RaySection = field(default_factory=RaySection)
     path: Path | None = None
 
@@ -244,8 +265,6 @@ class Recipe:
 
     def make_env(self, split: str, world: World | None = None, **overrides) -> RoutingEnv:
         kwargs = {
-            "cost_lambda": self.env.cost_lambda,
-            "success_reward": self.env.success_reward,
             "history_window": self.env.history_window,
             "masked_action": self.env.masked_action,
             "split": split,
@@ -258,18 +277,11 @@ class Recipe:
 
 
 def parse_budgets(specs, where: str = "budgets") -> list[Budget]:
-    budgets: list[Budget] = []
-    if not isinstance(specs, list):
-        raise RecipeError(f"{where} must be a list like [none, large_calls=5, usd=0.05]")
-    for i, spec in enumerate(specs):
-        try:
-            if isinstance(spec, Mapping):
-                budgets.append(Budget.from_dict(spec, where=f"{where}[{i}]"))
-            else:
-                budgets += parse_budget_arg(str(spec))
-        except ValueError as err:
-            raise RecipeError(f"{where}[{i}]: {err}") from None
-    return budgets
+    """``envs.budget.parse_budgets`` with its error as a ``RecipeError``."""
+    try:
+        return budget_list(specs, where)
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -324,13 +336,10 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
             raise RecipeError(f"{where}: eval.policies: unknown policy {policy!r}; choose from {list(BASELINES)}")
     if not all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in evaluation.random_p):
         raise RecipeError(f"{where}: eval.random_p must be probabilities in [0, 1], got {evaluation.random_p}")
-    from rlrouter.rl.trainer import RLSettings
-    from rlrouter.sft.train import SFTSettings
-
     synth = _section(SynthSection, data.get("synth"), f"{where}: synth")
     router = _section(RouterSection, data.get("router"), f"{where}: router")
     sft = _section(SFTSettings, data.get("sft"), f"{where}: sft")
-    rl = _section(RLSettings, data.get("rl"), f"{where}: rl")
+    rl = _section(RLConfig, data.get("rl"), f"{where}: rl")
     ray = _section(RaySection, data.get("ray"), f"{where}: ray")
     if router.prompt_mode not in ("step", "episode"):
         raise RecipeError(f"{where}: router.prompt_mode must be 'step' or 'episode', got {router.prompt_mode!r}")

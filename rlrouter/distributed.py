@@ -3,7 +3,8 @@
 ``rlrouter train <recipe> --ray`` (or ``rlrouter rl ... --ray``) runs the RL stage as:
 
 - a Ray Train ``TorchTrainer`` with ``ray.learner_workers`` workers. Each runs the same
-  ``RLTrainer`` as an in-process run (``pipeline.build_rl_trainer``); Ray only places it.
+  ``RLTrainer`` as an in-process run (built by the builder the pipeline hands in,
+  ``pipeline.build_rl_trainer``); Ray only places it.
   With more than one learner, the first plays the iteration's episodes and broadcasts
   them, every learner takes its share of the micro-batches, and gradients are summed
   across learners before each optimizer step (``RLTrainer.update``), so the update is the
@@ -36,11 +37,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from rlrouter.rl.rollout import EpisodeSpec, Rollout
 from rlrouter.rl.workers import RolloutWorker, ShardResult, collect, shard_seed, shard_specs
+from rlrouter.router.episodes import EpisodeSpec, Rollout
+from rlrouter.router.generation import HFEngine
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -63,8 +66,6 @@ class RolloutActorImpl:
 
     def __init__(self, recipe, config, tokenizer, prompt_mode: str, split: str, threads: int = 1):
         from transformers import AutoModelForCausalLM
-
-        from rlrouter.rl.rollout import HFEngine
 
         torch.set_num_threads(max(1, threads))
         model = AutoModelForCausalLM.from_config(config).eval()
@@ -120,7 +121,7 @@ class RayRollouts:
         return time.perf_counter() - start
 
     def play(self, specs: list[EpisodeSpec], seed: int, iteration: int,
-             temperature: float, stream: int = 0) -> tuple[list[Rollout], dict]:
+             temperature: float) -> tuple[list[Rollout], dict]:
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
@@ -131,7 +132,7 @@ class RayRollouts:
         restarting = [0.0] * len(self.actors)  # since when actor a is known to be restarting (0: it is not)
 
         def submit(k: int, a: int) -> None:
-            ref = self.actors[a].play.remote(k, parts[k], shard_seed(seed, iteration, k, stream), temperature,
+            ref = self.actors[a].play.remote(k, parts[k], shard_seed(seed, iteration, k), temperature,
                                              self.weights, self.version)
             pending[ref] = (k, a)
 
@@ -179,11 +180,10 @@ class RayRollouts:
 
 
 def _learner_loop(config: dict) -> None:
-    """One Ray Train worker: build the in-process trainer, swap in Ray rollouts, train."""
+    """One Ray Train worker: build the in-process trainer (``config["build_trainer"]``,
+    the pipeline's builder), swap in Ray rollouts, train."""
     import ray.train
     from ray.train import Checkpoint
-
-    from rlrouter.pipeline import build_rl_trainer
 
     recipe, out_dir = config["recipe"], Path(config["out_dir"])
     rank = ray.train.get_context().get_world_rank()
@@ -194,7 +194,7 @@ def _learner_loop(config: dict) -> None:
         scratch = None if rank == 0 else state_dir
         checkpoint.to_directory(str(state_dir))
         resume = True
-    trainer = build_rl_trainer(recipe, Path(config["init"]), out_dir, resume=resume, state_dir=state_dir,
+    trainer = config["build_trainer"](recipe, Path(config["init"]), out_dir, resume=resume, state_dir=state_dir,
                                synth_dir=Path(config["synth_dir"]))
     if checkpoint is not None:
         print(f"learner {rank}: resuming from the checkpoint of iteration {trainer.iteration}", flush=True)
@@ -228,9 +228,11 @@ def _learner_loop(config: dict) -> None:
     trainer.train(progress=False)
 
 
-def run_rl_on_ray(recipe, init: Path, out_dir: Path, resume: bool = False, progress: bool = True,
-                  address: str | None = None) -> Path:
-    """The RL stage under Ray Train; returns the final checkpoint's directory (``out_dir``)."""
+def run_rl_on_ray(recipe, build_trainer: Callable, init: Path, out_dir: Path, resume: bool = False,
+                  progress: bool = True, address: str | None = None) -> Path:
+    """The RL stage under Ray Train; returns the final checkpoint's directory (``out_dir``).
+    ``build_trainer(recipe, init, out_dir, resume=, state_dir=, synth_dir=)`` builds each
+    learner's ``RLTrainer`` (``pipeline.build_rl_trainer``): Ray places it, nothing more."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -245,7 +247,7 @@ def run_rl_on_ray(recipe, init: Path, out_dir: Path, resume: bool = False, progr
         recipe.rl.device = "cpu"  # a CPU learner even if the node it lands on has a GPU it did not reserve
     trainer = TorchTrainer(
         _learner_loop,
-        train_loop_config={"recipe": recipe, "init": str(Path(init).resolve()), "out_dir": str(out_dir),
+        train_loop_config={"recipe": recipe, "build_trainer": build_trainer, "init": str(Path(init).resolve()), "out_dir": str(out_dir),
                            "resume": resume, "synth_dir": str(recipe.synth_dir().resolve())},
         scaling_config=ScalingConfig(num_workers=cfg.learner_workers, use_gpu=cfg.learner_gpus > 0,
                                      resources_per_worker=resources),

@@ -65,8 +65,8 @@ def run_sft_stage(recipe: Recipe, synth_dir: str | Path | None = None, out_dir: 
     meta = {
         "pool": recipe.pool.describe(),
         "budgets": [b.to_dict() for b in recipe.synth_budgets()],
-        "cost_lambda": recipe.env.cost_lambda,
         "router": {"base": recipe.router.base, "prompt_mode": recipe.router.prompt_mode,
+                   "history_window": recipe.env.history_window,
                    "max_new_tokens": recipe.router.max_new_tokens},
         "training": {"recipe": recipe.name, "seed": recipe.seed, "synth_dir": str(synth_dir)},
     }
@@ -91,7 +91,8 @@ def run_rl_stage(recipe: Recipe, init: str | Path | None = None, out_dir: str | 
     if use_ray:
         from rlrouter.distributed import run_rl_on_ray
 
-        return run_rl_on_ray(recipe, init, out_dir, resume=resume, progress=progress, address=address)
+        return run_rl_on_ray(recipe, build_rl_trainer, init, out_dir, resume=resume, progress=progress,
+                             address=address)
     trainer = build_rl_trainer(recipe, init, out_dir, resume=resume)
     if progress:
         print(f"rl: {recipe.rl.algorithm} on {trainer.device}, {recipe.rl.engine} rollouts", flush=True)
@@ -119,14 +120,13 @@ def build_rl_trainer(recipe: Recipe, init: Path, out_dir: Path, resume: bool = F
     if cfg.tasks > len(env.task_ids):
         raise ValueError(f"rl.tasks = {cfg.tasks}, but split {cfg.split!r} has only {len(env.task_ids)} tasks")
     world = env.world
-    eval_env = recipe.make_env(recipe.eval.split, world=world)
     boundaries = load_boundaries(Path(synth_dir or recipe.synth_dir()) / "boundary.json")
     prompt_mode = ckpt_meta.get("router", {}).get("prompt_mode", recipe.router.prompt_mode)
     meta = {key: ckpt_meta[key] for key in ("pool", "budgets", "router", "training") if key in ckpt_meta}
     meta["training"] = {**meta.get("training", {}), "rl_init": str(init)}
     engine = None
     if cfg.engine == "vllm":
-        from rlrouter.rl.rollout import VLLMEngine
+        from rlrouter.router.generation import VLLMEngine
 
         engine = VLLMEngine(str(start_from), tokenizer, recipe.pool.names, recipe.router.max_new_tokens, recipe.seed)
     task_ids = env.task_ids[: cfg.tasks]
@@ -137,9 +137,7 @@ def build_rl_trainer(recipe: Recipe, init: Path, out_dir: Path, resume: bool = F
                              "these classes (see the synth stage's boundary report)")
     trainer = RLTrainer(model, tokenizer, cfg, lambda: recipe.make_env(cfg.split, world=world),
                         task_ids, boundaries, recipe.pool.names, out_dir, meta, seed=recipe.seed,
-                        prompt_mode=prompt_mode, max_new_tokens=recipe.router.max_new_tokens,
-                        eval_make_env=lambda: recipe.make_env(recipe.eval.split, world=world),
-                        eval_task_ids=eval_env.task_ids, engine=engine)
+                        prompt_mode=prompt_mode, max_new_tokens=recipe.router.max_new_tokens, engine=engine)
     meta["training"]["rl_device"] = str(trainer.device)  # the trainer keeps this dict and saves it
     if resume:
         trainer.load_state(state_dir)

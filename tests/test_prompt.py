@@ -68,16 +68,18 @@ def test_conversation_messages_come_from_the_env_view():
     assert len(feedback.split("</information>")[0]) <= len("<information>") + len(view["history"][-1]["event"]) + 64
 
 
-def test_step_prompt_holds_the_state_with_a_bounded_history_window():
+def test_step_prompt_holds_the_state_with_the_envs_history_window():
     from rlrouter.router.prompt import step_user_message
 
-    env = make_routing_env("synthetic", budget={"large_calls": 5})
+    env = make_routing_env("synthetic", budget={"large_calls": 5}, history_window=4)
     env.reset(seed=0, options={"task_id": "train-1"})
     for action in (1, 0, 0, 1, 0, 0):
         env.step(action)
     view = env.view()
-    text = step_user_message(view, window=4)
+    text = step_user_message(view)
     shown = ", ".join(f"{h['tier']} {h['event']}" for h in view["history"][-4:])
     assert f"Last 4 of 6 steps: {shown}\n" in text
     assert text.startswith(f"Task: {view['task']}\nBudget: large calls 3 of 5 left\nSpent ${view['cost_usd']:.4f}.")
     assert text.endswith(f"Next: {view['step_text']}")
+    env.unwrapped.history_window = 2  # the one window: the env's, read from its view
+    assert "Last 2 of 6 steps: " in step_user_message(env.view())

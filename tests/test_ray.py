@@ -19,7 +19,8 @@ import torch
 import yaml
 
 from envs import Budget
-from rlrouter.rl.rollout import EpisodeSpec, HFEngine
+from rlrouter.router.episodes import EpisodeSpec
+from rlrouter.router.generation import HFEngine
 from rlrouter.rl.workers import LocalRollouts, RolloutWorker, shard_specs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +154,7 @@ def _recipe_file(trained, tmp_path, name: str, **extra) -> tuple[Path, dict]:
           "budgets": ["none", "large_calls=2"], "learning_rate": 1e-3, "save_every": 1, "micro_batch_size": 8,
           "rollout_shards": 2, "out_dir": str(tmp_path / name / "rl")}
     data = {"name": "ray-test", "seed": 0, "stages": ["rl"], "world": recipe.world,
-            "env": {"cost_lambda": recipe.env.cost_lambda}, "router": {"max_new_tokens": 32},
+            "router": {"max_new_tokens": 32},
             "synth": {"tasks": 40, "out_dir": str(recipe.synth_dir())}, "sft": {"out_dir": str(trained[1])},
             "rl": rl, **extra}
     path = tmp_path / f"{name}.yaml"

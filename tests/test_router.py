@@ -1,36 +1,20 @@
-"""Router LLM: tokenizer and tiny model, synthesis, SFT, checkpoints, constrained decoding, vLLM."""
+"""Router LLM, the parts that need no trained router: tokenizer and tiny model, synthesis,
+the route constraint (the trained router's tests are in test_router_trained.py)."""
 
-import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from envs import Budget, make_routing_env
 from rlrouter.boundary.synthesis import cheapest_successful, play_trajectory, synthesize
-from rlrouter.config import recipe_from_dict
-from rlrouter.router.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
+from rlrouter.router.checkpoint import load_checkpoint, save_checkpoint
+from rlrouter.router.generation import RouteConstraint
 from rlrouter.router.model import TinyRouterConfig
-from rlrouter.router.policy import RouteConstraint, RouterPolicy
-from rlrouter.router.prompt import batch_prompt_token_ids, first_user_message, parse_strict, system_message
+from rlrouter.router.prompt import parse_strict
 
 ROOT = Path(__file__).resolve().parents[1]
-
-from conftest import TINY  # noqa: E402  (the `trained` fixture's recipe)
-
-def first_turns(n: int) -> list[list[dict]]:
-    """The router's first chat of test tasks 0..n-1 (system + first user turn)."""
-    env = make_routing_env("synthetic", world={"n_test": 10}, split="test")
-    convs = []
-    for i in range(n):
-        env.reset(seed=i, options={"task_id": f"test-{i}"})
-        convs.append([{"role": "system", "content": system_message(env.pool.describe())},
-                      {"role": "user", "content": first_user_message(env.view())}])
-    return convs
 
 
 def two_query_env(tmp_path, cheap_correct):
@@ -175,147 +159,3 @@ def test_route_constraint_keeps_the_turn_in_the_strict_format_with_allowed_tiers
     free = proc(torch.tensor([[1, 1, 2]]), torch.zeros(1, len(vocab)))
     # think text may not end the turn, nor contain '<' (other than </think>)
     assert torch.isinf(free[0]).nonzero().flatten().tolist() == [0, 1, 5, 6, 10]
-
-
-@pytest.mark.slow
-def test_batched_prompt_ids_equal_each_prompt_tokenized_alone(trained):
-    _, path = trained
-    _, tokenizer, _ = load_checkpoint(path)
-    convs = first_turns(5)
-    convs[2] = [convs[2][0], {"role": "user", "content": "short"}]  # rows of different lengths: no padding
-    alone = [tokenizer(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
-                       add_special_tokens=False)["input_ids"] for c in convs]
-    assert batch_prompt_token_ids(tokenizer, convs) == alone
-    assert len({len(ids) for ids in alone}) > 1
-    assert batch_prompt_token_ids(tokenizer, []) == []
-
-
-@pytest.mark.slow
-def test_checkpoint_round_trip_gives_identical_generations(trained, tmp_path):
-    recipe, path = trained
-    model, tokenizer, meta = load_checkpoint(path, recipe.pool.names)
-    assert meta["pool"][1]["name"] == "large" and meta["training"]["stage"] == "sft"
-    assert (path / "trainer_state" / "optimizer.pt").is_file()
-    copy = save_checkpoint(model, tokenizer, tmp_path / "copy", {"pool": meta["pool"], "training": meta["training"]})
-    model2, tokenizer2, _ = load_checkpoint(copy)
-    convs = first_turns(4)
-    masks = [np.array([1, 1], dtype=np.int8)] * 4
-    a = RouterPolicy(model, tokenizer, recipe.pool.names).generate_turns(convs, masks)
-    b = RouterPolicy(model2, tokenizer2, recipe.pool.names).generate_turns(convs, masks)
-    assert [t.text for t in a] == [t.text for t in b]
-
-
-@pytest.mark.slow
-def test_constrained_decoding_never_generates_a_masked_tier(trained):
-    recipe, path = trained
-    model, tokenizer, _ = load_checkpoint(path)
-    conv = first_turns(1)[0]
-    eager = RouterPolicy(model, tokenizer, recipe.pool.names, route_bias=50.0)  # wants large at any price
-    both = eager.generate_turns([conv] * 3, [np.array([1, 1], dtype=np.int8)] * 3)
-    small_only = eager.generate_turns([conv] * 3, [np.array([1, 0], dtype=np.int8)] * 3)
-    assert [t.tier for t in both] == ["large"] * 3
-    assert [t.tier for t in small_only] == ["small"] * 3
-    assert all("<route>small</route>" in t.text for t in small_only)
-
-
-@pytest.mark.slow
-def test_damaged_checkpoints_give_clear_errors(trained, tmp_path):
-    recipe, path = trained
-    import shutil
-
-    broken = tmp_path / "broken"
-    shutil.copytree(path, broken)
-    (broken / "rlrouter.json").unlink()
-    with pytest.raises(CheckpointError, match="rlrouter.json is missing"):
-        read_meta(broken)
-    (broken / "rlrouter.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="not valid JSON"):
-        read_meta(broken)
-    (broken / "rlrouter.json").write_text(json.dumps({"prompt_format_version": 99, "pool": [{"name": "a"}]}))
-    with pytest.raises(CheckpointError, match="prompt format version 99"):
-        read_meta(broken)
-    with pytest.raises(CheckpointError, match="routes to tiers"):
-        load_checkpoint(path, ["cheap", "pricey"])
-    (broken / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="no weights"):
-        read_meta(broken)
-
-
-@pytest.mark.slow
-def test_router_plays_budgeted_episodes_without_violations(trained):
-    recipe, path = trained
-    model, tokenizer, _ = load_checkpoint(path)
-    world = recipe.build_world()
-    policy = RouterPolicy(model, tokenizer, recipe.pool.names, batch_size=16, route_bias=2.0)
-    budgets = [Budget(max_calls={"large": 1}), Budget(usd=0.01)]
-    records = policy.evaluate(lambda: recipe.make_env("test", world=world), [f"test-{i}" for i in range(8)],
-                              budgets, seed=0, progress=False)
-    assert len(records) == 16
-    assert not any(r.violation for r in records)
-    assert all(r.calls.get("large", 0) <= 1 for r in records if r.budget == "large_calls=1")
-    assert all(r.cost_usd <= 0.01 for r in records if r.budget == "usd=0.01")
-
-
-@pytest.mark.slow
-def test_vllm_engine_gives_the_same_greedy_routes_as_transformers(trained, tmp_path):
-    recipe, path = trained
-    model, tokenizer, _ = load_checkpoint(path)
-    convs = first_turns(8)
-    prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs]
-    hf = RouterPolicy(model, tokenizer, recipe.pool.names, constrain=False).generate_turns(
-        convs, [np.array([1, 1], dtype=np.int8)] * len(convs))
-    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_routes.py"), str(path),
-                           str(tmp_path / "prompts.json"), str(tmp_path / "out.json")],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    texts = json.loads((tmp_path / "out.json").read_text())
-    from rlrouter.router.prompt import parse_tolerant
-
-    vllm_routes = [parse_tolerant(t, recipe.pool.names, "none").tier for t in texts]
-    assert vllm_routes == [t.tier for t in hf]
-    assert sum(t == h.text for t, h in zip(texts, hf)) >= len(hf) - 1  # same text, allowing one fp tie
-
-
-@pytest.mark.slow
-def test_eval_with_a_checkpoint_reports_the_router_beside_the_baselines(trained, tmp_path):
-    from rlrouter.evaluate.job import eval_recipe
-
-    recipe, path = copy.deepcopy(trained[0]), trained[1]
-    recipe.eval.router_bias = [0.0, 2.0]
-    result = eval_recipe(recipe, budgets=[Budget(max_calls={"large": 1})], tasks=4, out_dir=tmp_path,
-                         policies=["always-small", "oracle"], checkpoint=path, progress=False)
-    rows = {(r["policy"], r["budget"]): r for r in result["rows"]}
-    for name in ("router", "router(bias=2)"):
-        row = rows[(name, "large_calls=1")]
-        assert row["episodes"] == 4 and row["budget_violations"] == 0
-        assert 0.0 <= row["well_formed"] <= 1.0
-    assert "| large_calls=1 | router(bias=2) |" in (tmp_path / "results.md").read_text()
-
-
-@pytest.mark.slow
-def test_sft_resumes_from_the_checkpoint_trainer_state(trained, tmp_path):
-    import shutil
-
-    from rlrouter.pipeline import run_sft_stage
-
-    recipe, path = copy.deepcopy(trained[0]), trained[1]
-    resumed = tmp_path / "sft"
-    shutil.copytree(path, resumed)
-    before = json.loads((resumed / "rlrouter.json").read_text())["training"]["global_step"]
-    recipe.sft.epochs = TINY["sft"]["epochs"] + 1  # one more epoch than was trained
-    out = run_sft_stage(recipe, out_dir=resumed, resume=True, progress=False)
-    after = json.loads((out / "rlrouter.json").read_text())["training"]["global_step"]
-    steps_per_epoch = before // TINY["sft"]["epochs"]
-    assert after == before + steps_per_epoch  # continued, not restarted
-
-
-@pytest.mark.slow
-def test_lora_sft_saves_a_merged_model_that_loads_as_is(trained, tmp_path):
-    from rlrouter.pipeline import run_sft_stage
-
-    recipe = copy.deepcopy(trained[0])
-    recipe.sft.lora, recipe.sft.epochs = True, 1
-    out = run_sft_stage(recipe, out_dir=tmp_path / "lora", progress=False)
-    model, _, _ = load_checkpoint(out)
-    assert not any("lora" in name for name, _ in model.named_parameters())

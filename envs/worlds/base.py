@@ -12,15 +12,12 @@ inside the state and are used only by the executors and the world's rules.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import string
-import urllib.error
-import urllib.request
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+from envs.openai_client import ChatCallError, ChatEndpoint
 from envs.pool import Pool, Tier
 
 # Characters any prompt may contain (the router prompt template itself uses these).
@@ -144,24 +141,16 @@ class EndpointRoundTrip:
 
     def __init__(self, tier: str, endpoint: str, model: str | None = None, api_key_env: str | None = None,
                  timeout_s: float = 30.0):
-        if not str(endpoint).startswith(("http://", "https://")):
-            raise ValueError(f"pool tier {tier!r}: executor.endpoint must be an http(s) URL, got {endpoint!r}")
+        try:
+            self.endpoint = ChatEndpoint(endpoint, model or tier, api_key_env, timeout_s, max_retries=0)
+        except ValueError:
+            raise ValueError(f"pool tier {tier!r}: executor.endpoint must be an http(s) URL, got {endpoint!r}") from None
         self.tier = tier
-        self.url = str(endpoint).rstrip("/") + "/chat/completions"
-        self.model = model or tier
-        self.api_key_env = api_key_env
-        self.timeout_s = float(timeout_s)
+        self.url = self.endpoint.url
 
     def __call__(self, prompt: str, max_tokens: int) -> None:
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                           "max_tokens": int(max_tokens)}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key_env and os.environ.get(self.api_key_env):
-            headers["Authorization"] = f"Bearer {os.environ[self.api_key_env]}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
-                reply.read()
-        except (urllib.error.URLError, OSError) as err:
-            raise RuntimeError(f"pool tier {self.tier!r}: executor endpoint {self.url} failed ({err}); "
-                               "is the server running?") from None
+            self.endpoint.complete([{"role": "user", "content": prompt}], max_tokens)
+        except ChatCallError as err:
+            raise RuntimeError(f"pool tier {self.tier!r}: executor endpoint {self.url} failed "
+                               f"({err.attempts[-1].error}); is the server running?") from None

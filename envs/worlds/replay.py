@@ -232,7 +232,43 @@ class ReplayState:
 
 
 class ReplayWorld(World):
-    """Sequences of recorded queries; tiers are recorded models (see module docstring)."""
+    """Sequences of recorded queries; tiers are recorded models (``rlrouter/RouteLLM-MMLU-v0``,
+    ``rlrouter/RouteLLM-GSM8K-v0``, ``rlrouter/Replay-v0``).
+
+    ## Description
+    Each step is one recorded query; routing it to a tier replays what that tier's model
+    answered (correct or not) and charges its recorded cost, or its prompt and response
+    tokens at the tier's prices (module docstring).
+
+    ## Action Space
+    Through ``RoutingEnv``: ``Discrete(n_tiers)``, the recorded model that answers the query.
+
+    ## Observation Space
+    ``router_view``: the episode's task line, the query text, position and step limit; ``RoutingEnv`` adds budget, cost and history.
+
+    ## Rewards
+    ``StepResult.success`` when the episode ends with at least ``success_fraction`` of its
+    queries answered correctly.
+
+    ## Starting State
+    ``reset(task_id, seed)``: the task's ``episode_length`` queries are a pure function of
+    ``(world seed, task_id)``, drawn from the split's disjoint rows.
+
+    ## Episode End
+    Termination: every query answered. Truncation (``RoutingEnv``): the budget cannot pay
+    for the next query.
+
+    ## Arguments
+    ``ReplayConfig`` (recipe ``world:`` with ``kind: replay``): ``source`` (``routellm-mmlu``,
+    ``routellm-gsm8k`` or ``table`` with ``table``), ``data_dir``, ``episode_length``,
+    ``success_fraction``, ``test_fraction``, ``n_train`` / ``n_test``. Tiers map to models with
+    ``executor: {kind: recorded, model: <column>}``.
+
+    ## Example
+    >>> import gymnasium as gym, envs
+    >>> env = gym.make("rlrouter/RouteLLM-MMLU-v0")  # reads $RLROUTER_ROUTELLM_DIR  # doctest: +SKIP
+    >>> obs, info = env.reset(seed=0)  # doctest: +SKIP
+    """
 
     name = "replay"
 

@@ -146,7 +146,40 @@ class ScienceWorldSession:
 
 
 class ScienceWorldWorld(TextGameWorld):
-    """ScienceWorld tasks played in the real simulator (module docstring)."""
+    """ScienceWorld tasks played in the real simulator (``rlrouter/ScienceWorld-v0``).
+
+    ## Description
+    Science experiments in the JVM simulator (module docstring); an agent step is one
+    command, written by the routed tier's executor (``envs.worlds.textgame``).
+
+    ## Action Space
+    Through ``RoutingEnv``: ``Discrete(n_tiers)``, the executor that writes the next command.
+
+    ## Observation Space
+    ``router_view``: the task description, the simulator's last answer (cut to
+    ``observation_chars``), the score as progress and the step limit; ``RoutingEnv`` adds
+    budget, cost and history.
+
+    ## Rewards
+    ``StepResult.success`` when the task completes with score 100.
+
+    ## Starting State
+    ``reset(task_id, seed)``: ``<task>:<variation>`` loaded in a leased JVM with its random
+    generator seeded by the episode seed, so an episode replays exactly.
+
+    ## Episode End
+    Termination: the task completes, or ends below 100 (a fatal step). Truncation:
+    ``max_steps`` agent steps (default 40, the paper's limit), or the budget (``RoutingEnv``).
+
+    ## Arguments
+    ``ScienceWorldConfig``: ``tasks``, ``variations``, ``test_split`` and the
+    ``TextGameSettings`` fields.
+
+    ## Example
+    >>> import gymnasium as gym, envs
+    >>> env = gym.make("rlrouter/ScienceWorld-v0")  # starts a JVM  # doctest: +SKIP
+    >>> obs, info = env.reset(seed=0)  # doctest: +SKIP
+    """
 
     name = "scienceworld"
     harmless = "look around"

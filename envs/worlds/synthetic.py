@@ -160,7 +160,44 @@ class SyntheticState:
 
 
 class SyntheticWorld(World):
-    """Procedural multi-step tasks with simulated tier executors (see module docstring)."""
+    """Procedural multi-step tasks with simulated tier executors (``rlrouter/Synthetic-v0``).
+
+    ## Description
+    A task is 4–30 sub-goals, most routine, some critical and hard; its archetype (easy /
+    medium / hard) sets how many are critical and how hard. Each step's text carries a cue
+    phrase naming its difficulty bucket with probability ``cue_fidelity`` (module docstring).
+
+    ## Action Space
+    Through ``RoutingEnv``: ``Discrete(n_tiers)``, the tier that takes the next sub-goal.
+
+    ## Observation Space
+    ``router_view``: the task text, the next sub-goal's text (with its cue), position and
+    step limit; ``RoutingEnv`` adds budget, cost and history.
+
+    ## Rewards
+    ``StepResult.success`` when the last sub-goal is done; ``RoutingEnv`` turns it into reward.
+
+    ## Starting State
+    ``reset(task_id, seed)``: the task is a pure function of ``(world seed, task_id)``; the
+    episode seed keys every correctness draw (common random numbers across tiers).
+
+    ## Episode End
+    Termination: all sub-goals done, or a fatal wrong step. Truncation: the step limit
+    ``length + max(min_slack, slack_fraction · length)``.
+
+    ## Arguments
+    ``SyntheticConfig`` (recipe ``world:`` with ``kind: synthetic``): ``n_train`` / ``n_test``,
+    length range, archetype mix, ``cue_fidelity``, ``sharpness``, error kinds, token sizes.
+    Tiers need ``executor: {kind: simulated, skill, output_tokens_mean}`` (optionally
+    ``endpoint`` / ``model`` for a real round trip per step).
+
+    ## Example
+    >>> import gymnasium as gym, envs
+    >>> env = gym.make("rlrouter/Synthetic-v0", world={"n_train": 10, "n_test": 5})
+    >>> _ = env.reset(seed=0, options={"task_id": "train-3"})
+    >>> env.unwrapped.world.name
+    'synthetic'
+    """
 
     name = "synthetic"
 

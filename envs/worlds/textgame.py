@@ -50,6 +50,7 @@ from typing import Callable
 
 import numpy as np
 
+from envs.executors import ExecutorError, build_executor
 from envs.pool import Pool, Tier
 from envs.tokens import count_tokens
 from envs.worlds.base import RouterView, StepResult, World, config_from_dict
@@ -70,13 +71,6 @@ DEFAULT_TEXT_EXECUTORS = {
     "small": {"kind": "simulated", "skill": 0.50, "output_tokens_mean": 60},
     "large": {"kind": "simulated", "skill": 0.85, "output_tokens_mean": 90},
 }
-
-AGENT_SYSTEM_PROMPT = (
-    "You are an agent in a text environment. Each turn you see the task, your recent commands with "
-    "what they did, and the current observation. Think briefly, then reply with one line "
-    "'Action: <command>' holding exactly one command the game accepts."
-)
-
 
 def clean_text(text: str, limit: int | None = None) -> str:
     """Printable ASCII with runs of whitespace collapsed (router prompts use that charset)."""
@@ -177,7 +171,6 @@ class TextGameWorld(World):
     def __init__(self, pool: Pool, config):
         super().__init__(pool)
         self.config = config
-        from envs.executors import build_executor  # executors import this module's helpers
 
         self.executors = {tier.name: build_executor(tier, self.executor_config(tier, DEFAULT_TEXT_EXECUTORS),
                                                     self.name) for tier in pool.tiers}
@@ -321,7 +314,6 @@ class TextGameWorld(World):
             raise RuntimeError("step() called on a finished episode; reset first")
         if state.session is None:
             raise RuntimeError("this episode's game session was released; reset first")
-        from envs.executors import ExecutorError
 
         gold = self.gold_command(state)
         move = None
@@ -385,14 +377,3 @@ def _close_one(session) -> None:
 def _close_sessions(sessions: list) -> None:
     while sessions:
         _close_one(sessions.pop())
-
-
-@dataclass
-class Move:
-    """A command an executor wrote, with the tokens the call used."""
-
-    command: str | None
-    input_tokens: int
-    output_tokens: int
-    event: str | None = None  # what a simulated executor knows it wrote: "gold", "wrong" or "look"
-    note: str = ""  # why there is no command

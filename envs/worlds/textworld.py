@@ -107,7 +107,39 @@ class TextWorldSession:
 
 
 class TextWorldWorld(TextGameWorld):
-    """Generated TextWorld games played in the real engine (module docstring)."""
+    """Generated TextWorld games played in the real engine (``rlrouter/TextWorld-v0``).
+
+    ## Description
+    Text adventures built with ``tw-make`` (module docstring); an agent step is one command,
+    written by the routed tier's executor (``envs.worlds.textgame``).
+
+    ## Action Space
+    Through ``RoutingEnv``: ``Discrete(n_tiers)``, the executor that writes the next command.
+
+    ## Observation Space
+    ``router_view``: the objective, the game's last answer (cut to ``observation_chars``),
+    the score as progress and the step limit; ``RoutingEnv`` adds budget, cost and history.
+
+    ## Rewards
+    ``StepResult.success`` when the game is won.
+
+    ## Starting State
+    ``reset(task_id, seed)``: the game of ``task_id`` (generated once, cached), started fresh;
+    the episode seed keys the simulated executors' draws.
+
+    ## Episode End
+    Termination: the game is won or lost. Truncation: ``max_steps`` agent steps, or the
+    budget (``RoutingEnv``).
+
+    ## Arguments
+    ``TextWorldConfig``: ``n_train`` / ``n_test``, ``quest_lengths``, ``world_size``,
+    ``nb_objects``, ``games_dir`` and the ``TextGameSettings`` fields.
+
+    ## Example
+    >>> import gymnasium as gym, envs
+    >>> env = gym.make("rlrouter/TextWorld-v0", world={"n_train": 2, "n_test": 1})  # doctest: +SKIP
+    >>> obs, info = env.reset(seed=0, options={"task_id": "test-0"})  # builds the game (≈ 4 s)  # doctest: +SKIP
+    """
 
     name = "textworld"
     harmless = "look"

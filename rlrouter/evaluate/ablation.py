@@ -27,10 +27,12 @@ import json
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from rlrouter.config import Recipe
+from rlrouter.rl.config import RLConfig
 from rlrouter.evaluate.report import budget_order, write_atomic
 
 VARIANTS = {
@@ -38,15 +40,13 @@ VARIANTS = {
     "bopo-no-ref": {"algorithm": "bopo", "ref_weight_small": 0.0, "ref_weight_large": 0.0},
     "bopo-no-bonus": {"algorithm": "bopo", "hard_bonus": 0.0},
     "bopo": {"algorithm": "bopo"},
-    "ppo": {"algorithm": "ppo", "reward": "bopo"},
+    "ppo": {"algorithm": "ppo", "reward": "bopo", "credit": "episode"},  # PPO's credit is its value function
 }
 METRICS = ("success", "mean_cost_usd", "large_fraction", "gap_recovered", "well_formed")
 
 
 def variant_settings(recipe: Recipe, variant: str, boundaries: dict):
     """The recipe's RL settings with the variant's changes."""
-    from rlrouter.rl.trainer import RLSettings
-
     if variant not in VARIANTS:
         raise ValueError(f"unknown report variant {variant!r}; choose from {list(VARIANTS)}")
     settings = {**vars(recipe.rl), **VARIANTS[variant]}
@@ -54,17 +54,18 @@ def variant_settings(recipe: Recipe, variant: str, boundaries: dict):
         gap = float(np.mean([b.c_large - b.c_small for b in boundaries.values()]))
         low, high = recipe.rl.lambda_range()
         settings["cost_lambda"] = [low / gap, high / gap]
-    return RLSettings(**settings)
+    return RLConfig(**settings)
 
 
-def run_report(recipe: Recipe, seeds: list[int], variants: list[str], out_dir: str | Path | None = None,
-               tasks: int | None = None, progress: bool = True) -> dict:
+def run_report(recipe: Recipe, train_rl: Callable, seeds: list[int], variants: list[str],
+               out_dir: str | Path | None = None, tasks: int | None = None, progress: bool = True) -> dict:
+    """Train every variant for every seed with ``train_rl(recipe, init=, out_dir=, progress=)``
+    (the pipeline's RL stage, handed in) and evaluate it beside the baselines."""
     from rlrouter.evaluate.job import eval_recipe
     from rlrouter.evaluate.runner import summarize
-    from rlrouter.pipeline import run_rl_stage
     from rlrouter.rl.trainer import load_boundaries
     from rlrouter.router.checkpoint import load_checkpoint
-    from rlrouter.router.policy import RouterPolicy
+    from rlrouter.evaluate.router_policy import RouterPolicy
 
     out_dir = Path(out_dir or f"runs/{recipe.name}/report")
     sft = recipe.sft_dir()
@@ -94,7 +95,7 @@ def run_report(recipe: Recipe, seeds: list[int], variants: list[str], out_dir: s
             run = copy.deepcopy(recipe)
             run.seed = seed
             run.rl = variant_settings(recipe, variant, boundaries)
-            path = run_rl_stage(run, init=sft, out_dir=out_dir / f"{variant}-seed{seed}", progress=progress)
+            path = train_rl(run, init=sft, out_dir=out_dir / f"{variant}-seed{seed}", progress=progress)
             model, tok, meta = load_checkpoint(path, recipe.pool.names)
             policy = RouterPolicy.from_checkpoint(model, tok, meta, recipe, name=variant)
             records = policy.evaluate(lambda: recipe.make_env(recipe.eval.split, world=world), task_ids,

@@ -49,7 +49,7 @@ def eval_recipe(recipe: Recipe, budgets: list[Budget] | None = None, tasks: int 
                                                  else {"router": checkpoint})
     for label, path in checkpoints.items():
         from rlrouter.router.checkpoint import load_checkpoint
-        from rlrouter.router.policy import RouterPolicy
+        from rlrouter.evaluate.router_policy import RouterPolicy
 
         model, tokenizer, ckpt_meta = load_checkpoint(path, recipe.pool.names)
         world = env.world
@@ -76,7 +76,6 @@ def eval_recipe(recipe: Recipe, budgets: list[Budget] | None = None, tasks: int 
         "tasks": n_tasks,
         "budgets": [b.label for b in budgets],
         "pool": recipe.pool.describe(),
-        "cost_lambda": recipe.env.cost_lambda,
         "taxonomy_threshold": cfg.taxonomy_threshold,
         "taxonomy_counts": taxonomy_counts(labels),
         "boundary": {t: s.to_dict() for t, s in stats.items()},

@@ -1,5 +1,11 @@
-"""The three advantage estimators side by side. This is where GRPO, BoPO and PPO differ;
-rollouts, rewards and the clipped loss are shared.
+"""The three advantage estimators, side by side, with one signature. This is the only
+place GRPO, BoPO and PPO differ; rollouts, rewards, the clipped loss and the update are
+shared.
+
+Every estimator takes the batch's N scored episodes (``Episodes``: rewards, group index,
+routes, BoPO's reference rewards, PPO's values) and the RL config, and returns
+``(advantages, returns)``: one array per episode with a value per router turn (verl's
+``core_algos`` shape; GRPO and BoPO have no critic, so their returns are the advantages).
 
 - GRPO (Shao et al. 2024, eq. 3 outcome supervision): A_i = (R_i − mean(R)) / (std(R) + ε)
   over the G rollouts of one task; every router turn of episode i gets A_i.
@@ -17,17 +23,15 @@ rollouts, rewards and the clipped loss are shared.
   (BoPO: reference-mixed) baseline at the root and the node's mean reward below it. A
   turn where the whole node chose alike gets 0: the episode's reward is credited only to
   the decisions that made a difference (a Monte Carlo Q − V without extra rollouts).
-  The tree thins out fast: once a rollout's node is itself alone (from ~turn 8 in the
-  quickstart with G = 8), its later decisions get no credit at all. ``tail=True``
-  (``rl.credit: tree_tail``) gives those turns the rollout's reward against the mean of
-  the last node it shared with others: A_{i,t} = (R_i − mean R(last shared node)) / (σ + ε),
-  GRPO's estimate inside the subtree, so late decisions (e.g. after a failed step) learn too.
 - PPO (Schulman et al. 2017): a value per router turn, the episode reward at the last turn,
   GAE over turns (Schulman et al. 2016, eq. 16): δ_t = r_t + γ·V_{t+1} − V_t,
-  A_t = Σ_k (γλ)^k δ_{t+k}; returns A_t + V_t train the value head.
+  A_t = Σ_k (γλ)^k δ_{t+k}; returns A_t + V_t train the value head; advantages are then
+  normalized over the batch (CleanRL's ``norm_adv``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -68,41 +72,28 @@ def bopo_advantages(rewards: np.ndarray, ref_small: float, ref_large: float, w_s
     return normalized(rewards, *bopo_baseline(rewards, ref_small, ref_large, w_small, w_large), eps)
 
 
-def node_members(routes, t: int, prefix, starts: list[int] | None = None) -> list[int]:
+def node_members(routes, t: int, prefix) -> list[int]:
     """The prefix-tree node at turn ``t`` below ``prefix``: indices of the rollouts whose
-    first ``t`` routes are ``prefix[:t]`` and that played turn ``t`` (with ``starts``: and were
-    samples of the policy by then, i.e. ``starts[j] <= t``)."""
+    first ``t`` routes are ``prefix[:t]`` and that played turn ``t``."""
     prefix = list(prefix[:t])
-    return [j for j, r in enumerate(routes)
-            if len(r) > t and list(r[:t]) == prefix and (starts is None or starts[j] <= t)]
+    return [j for j, r in enumerate(routes) if len(r) > t and list(r[:t]) == prefix]
 
 
 def tree_advantages(routes: list[list[int]], rewards: np.ndarray, root_baseline: float, scale: float,
-                    eps: float = EPS, tail: bool = False, starts: list[int] | None = None) -> list[np.ndarray]:
+                    eps: float = EPS) -> list[np.ndarray]:
     """Per-turn advantages of one group from its prefix tree (see the module docstring).
 
     ``routes[i]`` are rollout i's tiers, turn by turn; ``rewards[i]`` its episode reward.
-    ``tail``: turns where rollout i is alone in its node get R_i against the mean of the
-    last node it shared (the root's baseline if it never shared one).
-    ``starts[i]`` (default 0): the first turn at which rollout i is a sample of the policy.
-    A branch episode replays another rollout's routes up to its branch turn and takes the
-    other tier there; it joins the nodes from that turn on, and its earlier turns get 0.
     """
     rewards = np.asarray(rewards, dtype=np.float64)
-    starts = [0] * len(routes) if starts is None else starts
     out = []
-    for i, mine in enumerate(routes):
+    for mine in routes:
         adv = np.zeros(len(mine))
-        shared = root_baseline
-        for t in range(starts[i], len(mine)):
-            node = node_members(routes, t, mine, starts)
-            if tail and len(node) == 1:
-                adv[t] = (rewards[i] - shared) / (scale + eps)
-                continue
+        for t in range(len(mine)):
+            node = node_members(routes, t, mine)
             child = [j for j in node if routes[j][t] == mine[t]]
             baseline = root_baseline if t == 0 else rewards[node].mean()
             adv[t] = (rewards[child].mean() - baseline) / (scale + eps)
-            shared = baseline
         out.append(adv)
     return out
 
@@ -129,3 +120,70 @@ def explained_variance(predicted: np.ndarray, target: np.ndarray) -> float:
     """1 − Var(target − predicted) / Var(target) (CleanRL's diagnostic); nan if Var(target) = 0."""
     var = np.var(target)
     return float("nan") if var == 0 else float(1 - np.var(np.asarray(target) - np.asarray(predicted)) / var)
+
+
+# -- the estimators: (Episodes, config) -> (advantages, returns), one array per episode ------
+@dataclass
+class Episodes:
+    """What an estimator reads about the batch's N episodes, in batch order."""
+
+    rewards: np.ndarray  # (N,) episode rewards (``rewards.episode_reward``)
+    group: np.ndarray  # (N,) group index: same task, seed, budget and λ
+    routes: list[list[int]]  # tier index of every router turn
+    references: np.ndarray | None = None  # (N, 2) BoPO: expected rewards of always-small / always-large
+    values: list[np.ndarray] | None = None  # PPO: V at every router turn
+
+    def groups(self):
+        """(indices, rewards) of each group, in order of first appearance."""
+        for g in dict.fromkeys(self.group.tolist()):
+            members = np.flatnonzero(self.group == g)
+            yield members, self.rewards[members]
+
+
+def _credit(episodes: Episodes, baselines: dict, tree: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Spread each group's (baseline, scale) over its episodes' turns: the same advantage on
+    every turn (``episode``), or prefix-tree credit (``tree``)."""
+    out: list[np.ndarray | None] = [None] * len(episodes.rewards)
+    for members, rewards in episodes.groups():
+        baseline, scale = baselines[members[0]]
+        if tree:
+            per_turn = tree_advantages([episodes.routes[i] for i in members], rewards, baseline, scale)
+        else:
+            per_turn = [np.full(len(episodes.routes[i]), a) for i, a in
+                        zip(members, normalized(rewards, baseline, scale))]
+        for i, adv in zip(members, per_turn):
+            out[i] = adv
+    return out, out
+
+
+def grpo(episodes: Episodes, config) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """GRPO: each group's own mean and std."""
+    baselines = {members[0]: grpo_baseline(rewards) for members, rewards in episodes.groups()}
+    return _credit(episodes, baselines, config.credit == "tree")
+
+
+def bopo(episodes: Episodes, config) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """BoPO: the group mean mixed with the boundary policies' rewards."""
+    baselines = {}
+    for members, rewards in episodes.groups():
+        ref_small, ref_large = episodes.references[members[0]]
+        baselines[members[0]] = bopo_baseline(rewards, ref_small, ref_large, config.ref_weight_small,
+                                              config.ref_weight_large)
+    return _credit(episodes, baselines, config.credit == "tree")
+
+
+def ppo(episodes: Episodes, config) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """PPO: GAE over each episode's turns with the value head's V, then batch-normalized."""
+    advantages, returns = [], []
+    for reward, routes, values in zip(episodes.rewards, episodes.routes, episodes.values):
+        per_turn = np.zeros(len(routes))
+        per_turn[-1] = reward  # the reward arrives at the end of the episode
+        a, ret = gae(per_turn, values, config.gamma, config.gae_lambda)
+        advantages.append(a)
+        returns.append(ret)
+    flat = np.concatenate(advantages)
+    mean, std = flat.mean(), flat.std() + 1e-8
+    return [(a - mean) / std for a in advantages], returns
+
+
+ESTIMATORS = {"grpo": grpo, "bopo": bopo, "ppo": ppo}

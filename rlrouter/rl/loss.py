@@ -1,5 +1,5 @@
-"""The token-level clipped policy loss shared by GRPO, BoPO and PPO, and the per-token
-log-probs it needs.
+"""The losses: the token-level clipped policy loss shared by GRPO, BoPO and PPO, the
+per-token log-probs it needs, and PPO's value head with its clipped value loss.
 
 Only the router's own tokens count: ``loss_mask`` is 1 on generated tokens and 0 on the
 prompt and on environment (feedback) tokens, so nothing the router did not write is
@@ -57,3 +57,25 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
         stats["clipfrac"] = float((((ratio - 1).abs() > clip_eps).float() * mask).sum())
         stats["pg_loss"] = float((-surrogate * mask).sum())
     return loss, stats
+
+
+class ValueHead(torch.nn.Module):
+    """PPO's critic: V(state) from the last hidden state at the token before a router turn."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden).squeeze(-1)
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_eps: float,
+                       n_values: float) -> torch.Tensor:
+    """PPO2's clipped value loss (CleanRL ``clip_vloss``):
+    ½ · max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²), summed and divided by
+    ``n_values``, the value positions of the whole minibatch (micro-batches accumulate exactly)."""
+    clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    return 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2).sum() / n_values

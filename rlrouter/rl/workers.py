@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from rlrouter.rl.rollout import EpisodeSpec, Rollout, play_episodes
+from rlrouter.router.episodes import EpisodeSpec, Rollout, play_episodes
 
 
 def shard_specs(specs: list[EpisodeSpec], n: int) -> list[list[EpisodeSpec]]:
@@ -35,10 +35,9 @@ def shard_specs(specs: list[EpisodeSpec], n: int) -> list[list[EpisodeSpec]]:
     return [specs[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def shard_seed(seed: int, iteration: int, shard: int, stream: int = 0) -> int:
-    """The torch seed shard ``shard`` of ``iteration`` samples with (shard 0: the iteration's
-    seed). ``stream`` 1 is the iteration's second batch of episodes (RL branch episodes)."""
-    return seed * 1_000_003 + iteration + shard * 1_000_000_007 + stream * 500_000_003
+def shard_seed(seed: int, iteration: int, shard: int) -> int:
+    """The torch seed shard ``shard`` of ``iteration`` samples with (shard 0: the iteration's seed)."""
+    return seed * 1_000_003 + iteration + shard * 1_000_000_007
 
 
 @dataclass
@@ -49,12 +48,16 @@ class ShardResult:
 
 
 class RolloutWorker:
-    """Plays shards with one engine and fresh environments from ``make_env``."""
+    """Plays shards with one engine and fresh environments from ``make_env``. Routes are
+    constrained to the format and the budget; ``constrain=False`` samples freely (the
+    trainer then scores the unconstrained distribution: ``benchmarks/rl_step.py`` compares
+    with trainers that cannot constrain)."""
 
-    def __init__(self, engine, make_env: Callable, prompt_mode: str):
+    def __init__(self, engine, make_env: Callable, prompt_mode: str, constrain: bool = True):
         self.engine = engine
         self.make_env = make_env
         self.prompt_mode = prompt_mode
+        self.constrain = constrain
 
     def play(self, shard: int, specs: list[EpisodeSpec], torch_seed: int, temperature: float,
              sample: bool = True, logprobs: bool = True) -> ShardResult:
@@ -62,7 +65,8 @@ class RolloutWorker:
         timings: dict = {}
         torch.manual_seed(torch_seed)
         rollouts = play_episodes(self.engine, self.make_env, specs, self.prompt_mode, sample=sample,
-                                 temperature=temperature, logprobs=logprobs, timings=timings)
+                                 temperature=temperature, logprobs=logprobs, constrain=self.constrain,
+                                 timings=timings)
         stats = {"episodes": len(rollouts), "wall_s": time.time() - started, "started": started,
                  **timings}
         return ShardResult(shard, rollouts, stats)
@@ -76,10 +80,10 @@ class LocalRollouts:
         self.shards = shards
 
     def play(self, specs: list[EpisodeSpec], seed: int, iteration: int,
-             temperature: float, stream: int = 0) -> tuple[list[Rollout], dict]:
+             temperature: float) -> tuple[list[Rollout], dict]:
         results, queued = [], time.time()
         for k, part in enumerate(shard_specs(specs, self.shards)):
-            result = self.worker.play(k, part, shard_seed(seed, iteration, k, stream), temperature)
+            result = self.worker.play(k, part, shard_seed(seed, iteration, k), temperature)
             result.stats["queue_wait_s"] = result.stats["started"] - queued
             results.append(result)
         return collect(results)

@@ -93,6 +93,16 @@ def parse_tolerant(text: str, tiers: list[str], fallback: str) -> ParsedRoute:
     return ParsedRoute(tier, think, query)
 
 
+def parse_route(text: str, tiers: list[str], fallback: str) -> tuple[ParsedRoute, bool]:
+    """(route, well_formed): the strict parse when the text is in the trained format, else
+    the tolerant one with ``fallback``. Rollouts, evaluation and the server all read a
+    router turn this way; ``well_formed`` is what the RL format penalty counts."""
+    try:
+        return parse_strict(text, tiers), True
+    except RouteFormatError:
+        return parse_tolerant(text, tiers, fallback=fallback), False
+
+
 def route_regex(allowed: list[str]) -> str:
     """The strict format over the allowed tiers, as a regex for vLLM's structured outputs."""
     tiers = "|".join(re.escape(t) for t in allowed)
@@ -149,14 +159,8 @@ def step_line(view: dict) -> str:
             f"Next: {view['step_text']}")
 
 
-def cost_weight_text(cost_weight: float | None) -> str:
-    """The trade-off the router is asked for, when training or serving conditions on it
-    (RL's budget-conditioned episodes): reward = success − weight · normalized cost."""
-    return "" if cost_weight is None else f"Cost weight: {cost_weight:.2f}\n"
-
-
-def first_user_message(view: dict, cost_weight: float | None = None) -> str:
-    return f"Task: {view['task']}\nBudget: {budget_text(view)}\n{cost_weight_text(cost_weight)}{step_line(view)}"
+def first_user_message(view: dict) -> str:
+    return f"Task: {view['task']}\nBudget: {budget_text(view)}\n{step_line(view)}"
 
 
 def feedback_user_message(view: dict) -> str:
@@ -169,17 +173,18 @@ def feedback_user_message(view: dict) -> str:
             f"Spent ${view['cost_usd']:.4f}. Budget: {budget_text(view)}\n{step_line(view)}")
 
 
-HISTORY_WINDOW = 4  # steps of history in a step prompt
+HISTORY_WINDOW = 4  # steps of history in a step prompt when the view does not say (``env.history_window``)
 
 
-def step_user_message(view: dict, window: int = HISTORY_WINDOW, cost_weight: float | None = None) -> str:
-    """The whole state in one user turn, with a bounded window of history: the prompt of
+def step_user_message(view: dict) -> str:
+    """The whole state in one user turn, with a bounded window of history
+    (``view["history_window"]``, the recipe's ``env.history_window``): the prompt of
     ``prompt_mode: step`` (one short chat per decision) instead of the growing episode chat."""
+    window = view.get("history_window", HISTORY_WINDOW)
     history = view["history"][-window:] if window > 0 else []
     shown = ", ".join(f"{h['tier']} {'ok' if h['event'] == 'ok' else h['event']}" for h in history) or "none"
     return (f"Task: {view['task']}\nBudget: {budget_text(view)}\nSpent ${view['cost_usd']:.4f}. "
-            f"Last {len(history)} of {len(view['history'])} steps: {shown}\n{cost_weight_text(cost_weight)}"
-            f"{step_line(view)}")
+            f"Last {len(history)} of {len(view['history'])} steps: {shown}\n{step_line(view)}")
 
 
 def think_text(view: dict) -> str:
@@ -192,3 +197,46 @@ def think_text(view: dict) -> str:
     if view["budget"].get("usd") is not None:
         caps.append(f"${view['usd_left']:.3f}")
     return f"{last}; {', '.join(caps) or 'no cap'}"
+
+
+# -- chat mode (``rlrouter serve``'s think / route / answer loop, Router-R1 style) ---------
+THINK_CHARS, QUERY_CHARS, ANSWER_CHARS = 400, 400, 2000  # caps in the chat regex
+
+
+def chat_turn_regex(allowed: list[str], may_answer: bool) -> str:
+    think = f"<think>[^<]{{0,{THINK_CHARS}}}</think>"
+    options = []
+    if allowed:
+        tiers = "|".join(re.escape(t) for t in allowed)
+        options.append(f'<route tier="({tiers})">[^<]{{0,{QUERY_CHARS}}}</route>')
+    if may_answer:
+        options.append(f"<answer>[^<]{{0,{ANSWER_CHARS}}}</answer>")
+    return think + "(" + "|".join(options) + ")"
+
+
+_CHAT_TURN = re.compile(r"<think>(?P<think>[^<]*)</think>(?:<route tier=\"(?P<tier>[^\"<]+)\">(?P<query>[^<]*)</route>"
+                        r"|<answer>(?P<answer>[^<]*)</answer>)\s*", re.S)
+
+
+def parse_chat_turn(text: str, tiers: list[str]) -> dict | None:
+    """``{"think", "tier", "query"}`` or ``{"think", "answer"}``; None if malformed."""
+    match = _CHAT_TURN.fullmatch(text.strip())
+    if not match:
+        return None
+    if match.group("answer") is not None:
+        return {"think": match.group("think").strip(), "answer": match.group("answer").strip()}
+    if match.group("tier") not in tiers:
+        return None
+    return {"think": match.group("think").strip(), "tier": match.group("tier"), "query": match.group("query").strip()}
+
+
+def chat_system_message(pool_descriptors: list[dict]) -> str:
+    lines = ["You answer a request by consulting the models of a pool, within the request's budget.", "Pool:"]
+    for tier in pool_descriptors:
+        lines.append(f"- {tier['name']}: ${tier['usd_per_1m_input']:.2f}/${tier['usd_per_1m_output']:.2f} per 1M "
+                     f"tokens. {tier.get('descriptor', '')}".rstrip())
+    lines.append("Each turn: <think>short reasoning</think> then either "
+                 "<route tier=\"TIER\">sub-query</route> (the reply comes back in <information>…</information>; "
+                 "an empty sub-query sends the whole request) or <answer>final answer</answer> "
+                 "(an empty answer returns the last reply).")
+    return "\n".join(lines)

@@ -1,8 +1,7 @@
 """Serve a trained router with vLLM behind an OpenAI-compatible API (``rlrouter serve``).
 
 - ``config``: the pool config (``pool.yaml``): endpoints, prices, limits, key variable names
-- ``engine``: the router LLM on vLLM's async engine, decoded under a structured-output regex
-- ``service``: step routing and the think/route/answer chat loop, with budget arithmetic
+- ``service``: step routing (the router on ``rlrouter.router.generation.AsyncRouterEngine``) and the think/route/answer chat loop, with budget arithmetic
 - ``pool_client``: calls to the pool's models with retries, backoff and cost from ``usage``
 - ``app``: the FastAPI app (OpenAI-shaped requests, responses and errors, SSE, metrics)
 - ``local_pool``: a small OpenAI-compatible server to try the router without model servers
@@ -13,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+
+from rlrouter.router.prompt import HISTORY_WINDOW
 
 
 def serve(checkpoint: str | Path, pool_path: str | Path, host: str = "127.0.0.1", port: int = 8000,
@@ -42,20 +43,22 @@ def serve(checkpoint: str | Path, pool_path: str | Path, host: str = "127.0.0.1"
             "which it has not seen in training", checkpoint)
     engine_kwargs = {"max_model_len": max_model_len, "gpu_memory_utilization": gpu_memory_utilization,
                      "dtype": dtype}
-    app = create_app(config, service_factory(checkpoint, config, descriptors, engine_kwargs))
+    window = meta.get("router", {}).get("history_window", HISTORY_WINDOW)
+    app = create_app(config, service_factory(checkpoint, config, descriptors, engine_kwargs, window))
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
-def service_factory(checkpoint, config, descriptors, engine_kwargs):
+def service_factory(checkpoint, config, descriptors, engine_kwargs, history_window: int = HISTORY_WINDOW):
     async def build(metrics):
         from transformers import AutoTokenizer
 
-        from rlrouter.serve.engine import RouterEngine
+        from rlrouter.router.generation import AsyncRouterEngine
         from rlrouter.serve.pool_client import PoolClient
         from rlrouter.serve.service import RouterService
 
-        engine = RouterEngine(checkpoint, **engine_kwargs)
+        engine = AsyncRouterEngine(checkpoint, **engine_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        return RouterService(engine, tokenizer, config, PoolClient(config, metrics), metrics, descriptors)
+        return RouterService(engine, tokenizer, config, PoolClient(config, metrics), metrics, descriptors,
+                             history_window)
 
     return build

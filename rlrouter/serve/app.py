@@ -119,7 +119,6 @@ class RouteRequest(BaseModel):
     budget: dict[str, Any] | None = None
     spent: Spent | None = None
     next_call_tokens: CallTokens | None = None
-    cost_weight: float | None = Field(None, ge=0)
     temperature: float = Field(0.0, ge=0, le=2)
 
 

@@ -18,19 +18,18 @@ lets it name allowed tiers, so a budget-breaking route cannot be generated.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from envs.budget import Budget
 from envs.pool import Pool, Tier
-from rlrouter.router.prompt import (INFO_CLOSE, INFO_OPEN, RouteFormatError, parse_strict, parse_tolerant,
-                                    prompt_token_ids, route_regex, step_user_message, system_message)
+from rlrouter.router.prompt import (HISTORY_WINDOW, INFO_CLOSE, INFO_OPEN, QUERY_CHARS, chat_system_message,
+                                    chat_turn_regex, parse_chat_turn, parse_route, prompt_token_ids, route_regex,
+                                    step_user_message, system_message)
 from rlrouter.serve.config import ServeConfig
 from rlrouter.serve.pool_client import PoolCallError, PoolClient, PoolReply
 
 MIN_OUTPUT_TOKENS = 16  # a tier is allowed only if the budget pays for at least this many output tokens
-THINK_CHARS, QUERY_CHARS, ANSWER_CHARS = 400, 400, 2000  # caps in the chat regex
 INFORMATION_CHARS = 1500  # a pool reply shown to the router is cut to this many characters
 
 
@@ -96,46 +95,6 @@ def allowed_tiers(pool: Pool, budget: Budget, spend: Spend, input_bound: int, li
             if max_output_tokens(t, budget, spend, input_bound, limit) >= min(MIN_OUTPUT_TOKENS, limit)]
 
 
-# -- formats -----------------------------------------------------------------------------
-def chat_turn_regex(allowed: list[str], may_answer: bool) -> str:
-    think = f"<think>[^<]{{0,{THINK_CHARS}}}</think>"
-    options = []
-    if allowed:
-        tiers = "|".join(re.escape(t) for t in allowed)
-        options.append(f'<route tier="({tiers})">[^<]{{0,{QUERY_CHARS}}}</route>')
-    if may_answer:
-        options.append(f"<answer>[^<]{{0,{ANSWER_CHARS}}}</answer>")
-    return think + "(" + "|".join(options) + ")"
-
-
-_CHAT_TURN = re.compile(r"<think>(?P<think>[^<]*)</think>(?:<route tier=\"(?P<tier>[^\"<]+)\">(?P<query>[^<]*)</route>"
-                        r"|<answer>(?P<answer>[^<]*)</answer>)\s*", re.S)
-
-
-def parse_chat_turn(text: str, tiers: list[str]) -> dict | None:
-    """``{"think", "tier", "query"}`` or ``{"think", "answer"}``; None if malformed."""
-    match = _CHAT_TURN.fullmatch(text.strip())
-    if not match:
-        return None
-    if match.group("answer") is not None:
-        return {"think": match.group("think").strip(), "answer": match.group("answer").strip()}
-    if match.group("tier") not in tiers:
-        return None
-    return {"think": match.group("think").strip(), "tier": match.group("tier"), "query": match.group("query").strip()}
-
-
-def chat_system_message(pool_descriptors: list[dict]) -> str:
-    lines = ["You answer a request by consulting the models of a pool, within the request's budget.", "Pool:"]
-    for tier in pool_descriptors:
-        lines.append(f"- {tier['name']}: ${tier['usd_per_1m_input']:.2f}/${tier['usd_per_1m_output']:.2f} per 1M "
-                     f"tokens. {tier.get('descriptor', '')}".rstrip())
-    lines.append("Each turn: <think>short reasoning</think> then either "
-                 "<route tier=\"TIER\">sub-query</route> (the reply comes back in <information>…</information>; "
-                 "an empty sub-query sends the whole request) or <answer>final answer</answer> "
-                 "(an empty answer returns the last reply).")
-    return "\n".join(lines)
-
-
 def conversation_text(messages: list[dict]) -> str:
     if len(messages) == 1:
         return messages[0]["content"]
@@ -151,8 +110,9 @@ def chat_budget_text(budget: Budget, spend: Spend) -> str:
     return "; ".join(parts)
 
 
-def step_view(request: dict, spend: Spend, budget: Budget) -> dict:
-    """The RoutingEnv-style view a step request describes (the trained prompt is built from it)."""
+def step_view(request: dict, spend: Spend, budget: Budget, history_window: int = HISTORY_WINDOW) -> dict:
+    """The RoutingEnv-style view a step request describes (the trained prompt is built from
+    it, with the history window the checkpoint was trained with)."""
     history = request.get("history") or []
     progress = request.get("progress") or {}
     done = progress.get("done", sum(1 for h in history if h.get("event", "ok") == "ok"))
@@ -165,6 +125,7 @@ def step_view(request: dict, spend: Spend, budget: Budget) -> dict:
         "calls_left": {t: cap - spend.calls.get(t, 0) for t, cap in budget.max_calls.items()},
         "history": [{"tier": h["tier"], "event": h.get("event", "ok"), "observation": h.get("observation", "")}
                     for h in history],
+        "history_window": history_window,
     }
 
 
@@ -184,8 +145,10 @@ def route_request(view: dict, **extra) -> dict:
 class RouterService:
     """Owns the router engine, its tokenizer and the pool client."""
 
-    def __init__(self, engine, tokenizer, config: ServeConfig, pool_client: PoolClient, metrics, descriptors=None):
+    def __init__(self, engine, tokenizer, config: ServeConfig, pool_client: PoolClient, metrics, descriptors=None,
+                 history_window: int = HISTORY_WINDOW):
         self.engine = engine
+        self.history_window = history_window  # the step prompt's window the router was trained with
         self.tokenizer = tokenizer
         self.config = config
         self.pool = config.pool
@@ -206,9 +169,8 @@ class RouterService:
 
     def step_prompt(self, request: dict, budget: Budget, spend: Spend) -> list[int]:
         """Token ids of the trained step prompt for the state the request describes."""
-        view = step_view(request, spend, budget)
-        return prompt_token_ids(self.tokenizer, [self.step_system, {"role": "user", "content": step_user_message(
-            view, cost_weight=request.get("cost_weight"))}])
+        view = step_view(request, spend, budget, self.history_window)
+        return prompt_token_ids(self.tokenizer, [self.step_system, {"role": "user", "content": step_user_message(view)}])
 
     async def route(self, request: dict, budget: Budget, spend: Spend) -> dict:
         """The tier for the next step of an episode (no model is called)."""
@@ -223,10 +185,9 @@ class RouterService:
                                  f"{self.engine.max_model_len} (shorten task, next_step or the history's observations)")
         out = await self.engine.generate(ids, route_regex(allowed), self.config.router_max_tokens,
                                          float(request.get("temperature", 0.0)))
-        try:
-            parsed, malformed = parse_strict(out.text, allowed), False
-        except RouteFormatError:
-            parsed, malformed = parse_tolerant(out.text, allowed, fallback=allowed[0]), True
+        parsed, well_formed = parse_route(out.text, allowed, fallback=allowed[0])
+        malformed = not well_formed
+        if malformed:
             self.metrics.malformed.inc()
             self.metrics.fallbacks.labels(reason="malformed").inc()
         self.metrics.routes.labels(tier=parsed.tier, mode="step").inc()
