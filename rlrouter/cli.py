@@ -180,7 +180,8 @@ def _serve(args) -> int:
     from rlrouter.serve import serve
 
     serve(args.checkpoint, args.pool, host=args.host, port=args.port, max_model_len=args.max_model_len,
-          gpu_memory_utilization=args.gpu_memory_utilization, dtype=args.dtype, log_level=args.log_level)
+          gpu_memory_utilization=args.gpu_memory_utilization, dtype=args.dtype, log_level=args.log_level,
+          enforce_eager=args.enforce_eager)
     return 0
 
 
@@ -265,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5,
                    help="vLLM memory fraction (on CPU: of the KV cache space)")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="skip vLLM's graph compilation (starts faster; for small routers on CPU and for tests)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_serve)
 

@@ -101,7 +101,7 @@ def vllm_openai_server(trained, tmp_path_factory):
     proc, log = start_http_server([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
                                    str(trained[1]), "--served-model-name", "tiny-agent", "--host", "127.0.0.1",
                                    "--port", str(port), "--max-model-len", "4096", "--gpu-memory-utilization", "0.5",
-                                   "--api-key", "vllm-key-42", "--seed", "0"], env, root / "server.log",
+                                   "--api-key", "vllm-key-42", "--seed", "0", "--enforce-eager"], env, root / "server.log",
                                   f"http://127.0.0.1:{port}/health")
     yield {"base_url": f"http://127.0.0.1:{port}/v1", "checkpoint": trained[1], "model": "tiny-agent",
            "api_key": "vllm-key-42"}

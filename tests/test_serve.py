@@ -228,7 +228,8 @@ def served(trained, local_pool, tmp_path_factory):
     env = {**os.environ, "RLROUTER_TEST_KEY": SERVER_KEY, "TEST_POOL_KEY": POOL_KEY, "VLLM_CPU_KVCACHE_SPACE": "1"}
     base = f"http://127.0.0.1:{port}"
     proc, log = start_http_server([sys.executable, "-m", "rlrouter", "serve", "--checkpoint", str(trained[1]),
-                                   "--pool", str(root / "pool.yaml"), "--port", str(port), "--max-model-len", "2048"],
+                                   "--pool", str(root / "pool.yaml"), "--port", str(port), "--max-model-len", "2048",
+                                   "--enforce-eager"],
                                   env, root / "server.log", f"{base}/health")
     yield {"base": base, "log": root / "server.log", "pool": local_pool, "recipe": trained[0],
            "checkpoint": trained[1]}

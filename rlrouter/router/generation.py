@@ -287,7 +287,7 @@ class AsyncRouterEngine:
     from many coroutines, each decoded under its own structured-output regex."""
 
     def __init__(self, checkpoint: str | Path, max_model_len: int = 2048, gpu_memory_utilization: float = 0.5,
-                 dtype: str = "auto", seed: int = 0):
+                 dtype: str = "auto", seed: int = 0, enforce_eager: bool = False):
         vllm_environment(in_process=False)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -295,7 +295,7 @@ class AsyncRouterEngine:
         self.max_model_len = max_model_len
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=str(checkpoint), dtype=dtype, max_model_len=max_model_len, seed=seed,
-            gpu_memory_utilization=gpu_memory_utilization, enable_log_requests=False))
+            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, enable_log_requests=False))
 
     async def generate(self, prompt_ids: list[int], regex: str, max_tokens: int, temperature: float = 0.0,
                        request_id: str | None = None) -> EngineOutput:

@@ -18,7 +18,7 @@ from rlrouter.router.prompt import HISTORY_WINDOW
 
 def serve(checkpoint: str | Path, pool_path: str | Path, host: str = "127.0.0.1", port: int = 8000,
           max_model_len: int = 2048, gpu_memory_utilization: float = 0.5, dtype: str = "auto",
-          log_level: str = "info") -> None:
+          log_level: str = "info", enforce_eager: bool = False) -> None:
     """Check everything a user can get wrong first, then start the engine and the server."""
     import uvicorn
 
@@ -42,7 +42,7 @@ def serve(checkpoint: str | Path, pool_path: str | Path, host: str = "127.0.0.1"
             "%s was trained on episode prompts; /v1/route sends it the step prompt (one chat per decision), "
             "which it has not seen in training", checkpoint)
     engine_kwargs = {"max_model_len": max_model_len, "gpu_memory_utilization": gpu_memory_utilization,
-                     "dtype": dtype}
+                     "dtype": dtype, "enforce_eager": enforce_eager}
     window = meta.get("router", {}).get("history_window", HISTORY_WINDOW)
     app = create_app(config, service_factory(checkpoint, config, descriptors, engine_kwargs, window))
     uvicorn.run(app, host=host, port=port, log_level=log_level)
