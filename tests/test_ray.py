@@ -67,6 +67,24 @@ def one_thread():
 
 
 @pytest.mark.slow
+def test_ray_job_submit_runs_the_cluster_recipe_end_to_end(ray_cluster):
+    """The README's command, against the session's head node."""
+    job = subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", ray_cluster["dashboard"],
+         "--working-dir", str(ROOT), "--", "rlrouter", "train", "recipes/ray-cluster.yaml", "--ray", "--quiet"],
+        capture_output=True, text=True, timeout=900, cwd=ROOT)
+    out = job.stdout + job.stderr
+    assert job.returncode == 0, out[-4000:]
+    assert "succeeded" in out.lower()
+    # the driver's own lines (the learner's are forwarded to the job log too, but not
+    # necessarily before the job ends)
+    for line in ("== stage: rl", "last iteration: iteration 3,", "== stage: eval"):
+        assert line in out, line
+    table = [row for row in out.splitlines() if row.startswith("| ")]
+    assert any("| bopo" in row or "bopo" in row.split("|")[1] for row in table[1:]), table
+
+
+@pytest.mark.slow
 def test_ray_rollout_actors_play_the_same_episodes_as_in_process_shards(trained, ray_cluster, one_thread):
     from rlrouter.distributed import RayRollouts
     from rlrouter.router.checkpoint import load_checkpoint
@@ -214,21 +232,3 @@ def test_a_ray_train_run_with_two_learners_matches_in_process_and_survives_a_kil
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
     meta = json.loads((Path(rl["out_dir"]) / "rlrouter.json").read_text())
     assert meta["rl"]["iteration"] == 3 and meta["training"]["ray"]["learner_workers"] == 2
-
-
-@pytest.mark.slow
-def test_ray_job_submit_runs_the_cluster_recipe_end_to_end(ray_cluster):
-    """The README's command, against the session's head node."""
-    job = subprocess.run(
-        [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", ray_cluster["dashboard"],
-         "--working-dir", str(ROOT), "--", "rlrouter", "train", "recipes/ray-cluster.yaml", "--ray", "--quiet"],
-        capture_output=True, text=True, timeout=900, cwd=ROOT)
-    out = job.stdout + job.stderr
-    assert job.returncode == 0, out[-4000:]
-    assert "succeeded" in out.lower()
-    # the driver's own lines (the learner's are forwarded to the job log too, but not
-    # necessarily before the job ends)
-    for line in ("== stage: rl", "last iteration: iteration 3,", "== stage: eval"):
-        assert line in out, line
-    table = [row for row in out.splitlines() if row.startswith("| ")]
-    assert any("| bopo" in row or "bopo" in row.split("|")[1] for row in table[1:]), table
