@@ -9,7 +9,7 @@ a normal Hugging Face directory and loaded back with ``AutoModelForCausalLM`` /
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterable
 
 from rlrouter.router.prompt import FORMAT_TAGS
@@ -128,10 +128,6 @@ def build_tiny_router(tokenizer, config: TinyRouterConfig | None = None, seed: i
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
-
-
-def config_dict(config: TinyRouterConfig) -> dict:
-    return asdict(config)
 
 
 def default_device() -> str:
