@@ -97,14 +97,15 @@ class OpenAIExecutor:
     constrain_to_admissible: bool = False
 
     def __post_init__(self):
-        if not str(self.endpoint).startswith(("http://", "https://")):
+        try:
+            self.client = ChatEndpoint(self.endpoint, self.model, self.api_key_env, self.timeout_s, self.max_retries,
+                                       self.retry_backoff_s)
+        except ValueError:
             raise ValueError(f"pool tier {self.tier!r}: executor.endpoint must be an http(s) URL ending in /v1, "
-                             f"got {self.endpoint!r}")
+                             f"got {self.endpoint!r}") from None
         if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(self.api_key_env)):
             raise ValueError(f"pool tier {self.tier!r}: executor.api_key_env must name an environment variable "
                              f"(e.g. OPENAI_API_KEY), not hold the key itself")
-        self.client = ChatEndpoint(self.endpoint, self.model, self.api_key_env, self.timeout_s, self.max_retries,
-                                   self.retry_backoff_s)
         self.url = self.client.url
         self.invalid = 0
 
@@ -150,7 +151,8 @@ class OpenAIExecutor:
     def complete(self, messages: list[dict], extra: dict | None = None) -> dict:
         """One chat completion with bounded retries (``envs.openai_client``); the parsed JSON response."""
         try:
-            return self.client.complete(messages, self.max_tokens, {"temperature": self.temperature, **(extra or {})})[0]
+            extra = {"temperature": self.temperature, **(extra or {})}
+            return self.client.complete(messages, self.max_tokens, extra)[0]
         except ChatCallError as err:
             last = err.attempts[-1].error
             if err.refused:

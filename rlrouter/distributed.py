@@ -247,7 +247,8 @@ def run_rl_on_ray(recipe, build_trainer: Callable, init: Path, out_dir: Path, re
         recipe.rl.device = "cpu"  # a CPU learner even if the node it lands on has a GPU it did not reserve
     trainer = TorchTrainer(
         _learner_loop,
-        train_loop_config={"recipe": recipe, "build_trainer": build_trainer, "init": str(Path(init).resolve()), "out_dir": str(out_dir),
+        train_loop_config={"recipe": recipe, "build_trainer": build_trainer, "init": str(Path(init).resolve()),
+                           "out_dir": str(out_dir),
                            "resume": resume, "synth_dir": str(recipe.synth_dir().resolve())},
         scaling_config=ScalingConfig(num_workers=cfg.learner_workers, use_gpu=cfg.learner_gpus > 0,
                                      resources_per_worker=resources),

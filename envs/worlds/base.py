@@ -144,7 +144,8 @@ class EndpointRoundTrip:
         try:
             self.endpoint = ChatEndpoint(endpoint, model or tier, api_key_env, timeout_s, max_retries=0)
         except ValueError:
-            raise ValueError(f"pool tier {tier!r}: executor.endpoint must be an http(s) URL, got {endpoint!r}") from None
+            raise ValueError(f"pool tier {tier!r}: executor.endpoint must be an http(s) URL, "
+                             f"got {endpoint!r}") from None
         self.tier = tier
         self.url = self.endpoint.url
 

@@ -244,7 +244,8 @@ class ReplayWorld(World):
     Through ``RoutingEnv``: ``Discrete(n_tiers)``, the recorded model that answers the query.
 
     ## Observation Space
-    ``router_view``: the episode's task line, the query text, position and step limit; ``RoutingEnv`` adds budget, cost and history.
+    ``router_view``: the episode's task line, the query text, position and step limit;
+    ``RoutingEnv`` adds budget, cost and history.
 
     ## Rewards
     ``StepResult.success`` when the episode ends with at least ``success_fraction`` of its

@@ -72,6 +72,7 @@ DEFAULT_TEXT_EXECUTORS = {
     "large": {"kind": "simulated", "skill": 0.85, "output_tokens_mean": 90},
 }
 
+
 def clean_text(text: str, limit: int | None = None) -> str:
     """Printable ASCII with runs of whitespace collapsed (router prompts use that charset)."""
     text = "".join(ch if ch in PRINTABLE else " " for ch in str(text))

@@ -41,8 +41,8 @@ class RouterPolicy:
     def from_checkpoint(cls, model, tokenizer, meta: dict, recipe, name: str = "router",
                         route_bias: float = 0.0) -> "RouterPolicy":
         """A greedy router over a loaded checkpoint (``load_checkpoint``'s model, tokenizer and
-        metadata): the recipe's generation settings, the prompt format and cost weight the
-        checkpoint was trained with (checkpoints older than step prompts used episode prompts)."""
+        metadata): the recipe's generation settings and the prompt format the checkpoint was
+        trained with (checkpoints older than step prompts used episode prompts)."""
         trained = meta.get("router", {})
         return cls(model, tokenizer, recipe.pool.names, max_new_tokens=recipe.router.max_new_tokens,
                    batch_size=recipe.router.batch_size, route_bias=route_bias, name=name,

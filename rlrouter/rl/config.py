@@ -137,12 +137,14 @@ class RLConfig:
             raise ValueError(f"rl.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         low, high = self.lambda_range()
         if not 0 <= low <= high:
-            raise ValueError(f"rl.cost_lambda must be a number or [low, high] with 0 <= low <= high, got {self.cost_lambda}")
+            raise ValueError(f"rl.cost_lambda must be a number or [low, high] with 0 <= low <= high, "
+                             f"got {self.cost_lambda}")
         if not self.task_taxonomy or set(self.task_taxonomy) - set(LABELS):
             raise ValueError(f"rl.task_taxonomy must be a non-empty subset of [easy, hard, intractable], "
                              f"got {self.task_taxonomy!r}")
         if self.group_size < 2:
-            raise ValueError(f"rl.group_size must be >= 2 (advantages compare rollouts of a task), got {self.group_size}")
+            raise ValueError(f"rl.group_size must be >= 2 (advantages compare rollouts of a task), "
+                             f"got {self.group_size}")
         for name in ("iterations", "tasks_per_iteration", "epochs", "minibatches", "micro_batch_size", "save_every",
                      "rollout_shards"):
             if getattr(self, name) < 1:

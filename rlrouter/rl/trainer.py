@@ -220,8 +220,9 @@ class RLTrainer:
                 starts = list(range(0, len(trained), cfg.micro_batch_size))
                 for start in starts[self.rank::self.world_size]:
                     micro = trained[start:start + cfg.micro_batch_size]
-                    stats, tokens, gap = self._micro_batch(batch, micro, n_tokens, n_values)
-                    if epoch == 0 and start == 0:
+                    first = epoch == 0 and start == 0  # before this update's first step
+                    stats, tokens, gap = self._micro_batch(batch, micro, n_tokens, n_values, first)
+                    if first:
                         logprob_gap.append(gap)
                     for key, value in stats.items():
                         sums[key] += value
@@ -243,10 +244,10 @@ class RLTrainer:
         out["logprob_gap"] = float(np.mean(logprob_gap)) if logprob_gap else 0.0  # engine vs trainer, before the update
         return out
 
-    def _micro_batch(self, batch: Batch, micro: np.ndarray, n_tokens: float, n_values: float
-                     ) -> tuple[dict, float, float]:
-        """Forward and backward of one micro-batch: (loss statistics, loss tokens, mean
-        |log π − log π_old| over its loss tokens before this update's first step)."""
+    def _micro_batch(self, batch: Batch, micro: np.ndarray, n_tokens: float, n_values: float,
+                     measure_gap: bool = False) -> tuple[dict, float, float | None]:
+        """Forward and backward of one micro-batch: (loss statistics, loss tokens, and with
+        ``measure_gap`` the mean |log π − log π_old| over its loss tokens)."""
         cfg = self.config
         ids = [batch.input_ids[j] for j in micro]
         keep = scored_positions([batch.loss_mask[j] for j in micro])
@@ -271,7 +272,7 @@ class RLTrainer:
             loss = loss + cfg.value_coef * v_loss
             stats["value_loss"] = float(v_loss.detach()) * n_values
         loss.backward()
-        gap = float(((logp.detach() - old).abs() * mask).sum() / mask.sum().clamp(min=1))
+        gap = float(((logp.detach() - old).abs() * mask).sum() / mask.sum().clamp(min=1)) if measure_gap else None
         return stats, float(mask.sum()), gap
 
     # -- the loop, checkpoints and resume ---------------------------------------------------

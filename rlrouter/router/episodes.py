@@ -103,19 +103,17 @@ def play_episodes(engine, make_env: Callable[[], RoutingEnv], specs: list[Episod
                   progress: bool = False, desc: str = "episodes", timings: dict | None = None) -> list[Rollout]:
     """Play all ``specs`` in lockstep: one ``engine.generate`` call per step for every live episode.
 
-    ``timings``, when given, accumulates
-    ``generate_s`` (engine) and ``env_s`` (environment steps, i.e. the executors) in seconds."""
+    ``timings``, when given, accumulates ``generate_s`` (engine) and ``env_s`` (environment
+    steps, i.e. the executors) in seconds."""
     if prompt_mode not in ("step", "episode"):
         raise ValueError(f"prompt_mode must be 'step' or 'episode', got {prompt_mode!r}")
     tok = engine.tokenizer
     tiers = engine.tiers
     envs = [make_env() for _ in specs]
     rollouts = [Rollout(spec) for spec in specs]
-    infos, contexts, live = [], [], []
-    for i, (env, spec) in enumerate(zip(envs, specs)):
-        _, info = env.reset(seed=spec.seed, options={"task_id": spec.task_id, "budget": spec.budget})
-        infos.append(info)
-        live.append(i)
+    infos, contexts, live = [], [], list(range(len(specs)))
+    for env, spec in zip(envs, specs):
+        infos.append(env.reset(seed=spec.seed, options={"task_id": spec.task_id, "budget": spec.budget})[1])
         system = {"role": "system", "content": system_message(env.pool.describe())}
         contexts.append(prompt_token_ids(tok, [system, {"role": "user", "content": first_user_message(env.view())}])
                         if prompt_mode == "episode" else system)

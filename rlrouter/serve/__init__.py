@@ -1,7 +1,8 @@
 """Serve a trained router with vLLM behind an OpenAI-compatible API (``rlrouter serve``).
 
 - ``config``: the pool config (``pool.yaml``): endpoints, prices, limits, key variable names
-- ``service``: step routing (the router on ``rlrouter.router.generation.AsyncRouterEngine``) and the think/route/answer chat loop, with budget arithmetic
+- ``service``: step routing and the think/route/answer chat loop, with budget arithmetic (the
+  router decodes on ``rlrouter.router.generation.AsyncRouterEngine``)
 - ``pool_client``: calls to the pool's models with retries, backoff and cost from ``usage``
 - ``app``: the FastAPI app (OpenAI-shaped requests, responses and errors, SSE, metrics)
 - ``local_pool``: a small OpenAI-compatible server to try the router without model servers

@@ -52,11 +52,7 @@ class Endpoint:
     model: str
     api_key_env: str | None = None
     timeout_s: float = 30.0
-    max_retries: int = 2
-
-    def api_key(self) -> str | None:
-        """Read at call time from the environment (never stored, never logged)."""
-        return os.environ.get(self.api_key_env) if self.api_key_env else None
+    max_retries: int = 2  # the key (api_key_env) is read at call time by envs.openai_client, never stored
 
 
 @dataclass(frozen=True)
