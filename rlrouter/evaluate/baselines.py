@@ -24,7 +24,8 @@ import numpy as np
 from envs.routing import RoutingEnv, nearest_allowed
 
 
-def _allowed(action: int, info: dict) -> int:
+def respect_mask(action: int, info: dict) -> int:
+    """``action`` if the budget allows it, else the nearest allowed tier (cheaper first)."""
     mask = info["action_mask"]
     return action if mask[action] else nearest_allowed(action, mask)
 
@@ -38,7 +39,7 @@ class AlwaysTier:
         pass
 
     def act(self, obs, info) -> int:
-        return _allowed(self.tier_index, info)
+        return respect_mask(self.tier_index, info)
 
 
 class RandomRouter:
@@ -52,7 +53,7 @@ class RandomRouter:
         self.rng = np.random.default_rng([seed, 99])
 
     def act(self, obs, info) -> int:
-        return _allowed(self.top if self.rng.random() < self.p_large else 0, info)
+        return respect_mask(self.top if self.rng.random() < self.p_large else 0, info)
 
 
 class FirstLarge:
@@ -67,7 +68,7 @@ class FirstLarge:
 
     def act(self, obs, info) -> int:
         self.steps += 1
-        return _allowed(self.top if self.steps <= self.k else 0, info)
+        return respect_mask(self.top if self.steps <= self.k else 0, info)
 
 
 class EscalateOnFailure:
@@ -80,7 +81,7 @@ class EscalateOnFailure:
 
     def act(self, obs, info) -> int:
         failed_last = "step_ok" in info and not info["step_ok"]
-        return _allowed(self.top if failed_last else 0, info)
+        return respect_mask(self.top if failed_last else 0, info)
 
 
 class HindsightOracle:
@@ -153,8 +154,8 @@ class HindsightOracle:
 
     def act(self, obs, info) -> int:
         if self.plan:
-            return _allowed(self.plan.pop(0), info)
-        return _allowed(0, info)
+            return respect_mask(self.plan.pop(0), info)
+        return respect_mask(0, info)
 
 
 def make_baselines(names, n_tiers: int, random_p=(0.5,), first_large_k=(3,), oracle_max_expansions=4000) -> list:

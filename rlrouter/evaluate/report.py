@@ -48,39 +48,57 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def frontier_plot(rows: list[dict], path: Path, title: str) -> None:
-    """Success vs mean cost; one panel per budget, random(p) drawn as a line."""
+BOUNDARY_POLICIES = ("always-small", "always-large")
+
+
+def _panels(budgets: list[str]):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    budgets = sorted({r["budget"] for r in rows}, key=budget_order)
     ncols = min(3, len(budgets))
     nrows = math.ceil(len(budgets) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False, sharey=True)
-    flat = axes.ravel()
-    for ax in flat[len(budgets):]:
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.9 * nrows), squeeze=False, sharey=True)
+    for ax in axes.ravel()[len(budgets):]:
         ax.set_visible(False)
+    return plt, fig, axes
+
+
+def _families(group: list[dict]) -> dict[str, list[dict]]:
+    """Rows by knob family (``random(p=0.5)`` -> ``random``), boundaries left out."""
+    families: dict[str, list[dict]] = {}
+    for r in group:
+        if r["policy"] not in BOUNDARY_POLICIES:
+            families.setdefault(r["policy"].split("(")[0], []).append(r)
+    return families
+
+
+def frontier_plot(rows: list[dict], path: Path, title: str) -> None:
+    """Success vs mean cost, one panel per budget: each family a line through its knob's
+    points (random p, embedding thresholds, route biases), the oracle and the boundaries points."""
+    budgets = sorted({r["budget"] for r in rows}, key=budget_order)
+    plt, fig, axes = _panels(budgets)
+    flat = axes.ravel()
+    colors = {}
     for ax, budget in zip(flat, budgets):
         group = [r for r in rows if r["budget"] == budget]
-        randoms = sorted((r for r in group if r["policy"].startswith("random")), key=lambda r: r["mean_cost_usd"])
-        if randoms:
-            ax.plot([r["mean_cost_usd"] for r in randoms], [r["success"] for r in randoms], "o--", color="gray",
-                    label="random(p)")
         for r in group:
-            if r["policy"].startswith("random"):
-                continue
-            baseline = r["policy"].split("(")[0] in ("always-small", "always-large", "first-large", "escalate")
-            marker = "*" if r["policy"] == "oracle" else ("o" if baseline else "D")  # D: a trained router
-            ax.plot(r["mean_cost_usd"], r["success"], marker, markersize=12 if marker == "*" else 8, label=r["policy"])
+            if r["policy"] in BOUNDARY_POLICIES:
+                ax.plot(r["mean_cost_usd"], r["success"], "s", color="black" if r["policy"] == "always-large" else "gray",
+                        markersize=7, label=r["policy"])
+        for name, members in sorted(_families(group).items()):
+            members = sorted(members, key=lambda r: r["mean_cost_usd"])
+            color = colors.setdefault(name, f"C{len(colors) % 10}")
+            style = "*" if name == "oracle" else ("o-" if len(members) > 1 else "D")
+            ax.plot([r["mean_cost_usd"] for r in members], [r["success"] for r in members], style, color=color,
+                    markersize=13 if name == "oracle" else 6, label=name)
         ax.set_title(f"budget: {budget}")
         ax.set_xlabel("mean cost per task (USD)")
         ax.grid(alpha=0.3)
     for row_axes in axes:
         row_axes[0].set_ylabel("success rate")
-    handles, labels = flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="lower right" if len(budgets) < len(flat) else "upper right")
+    _legend(fig, flat, len(budgets))
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,16 +106,86 @@ def frontier_plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_report(out_dir: Path, rows: list[dict], records: list[dict], meta: dict) -> dict[str, Path]:
-    """Write ``results.json``, ``results.md`` and ``frontier.png`` into ``out_dir``."""
+def pgr_plot(curves: list[dict], path: Path, title: str) -> None:
+    """RouteLLM's view: PGR against the share of calls to the priciest tier, one line per
+    family (through the boundaries), one panel per budget."""
+    budgets = sorted({c["budget"] for c in curves}, key=budget_order)
+    if not budgets:
+        return
+    plt, fig, axes = _panels(budgets)
+    flat = axes.ravel()
+    colors = {}
+    for ax, budget in zip(flat, budgets):
+        for curve in sorted((c for c in curves if c["budget"] == budget), key=lambda c: c["family"]):
+            points = sorted(curve["points"], key=lambda p: (p["share"], p["pgr"]))
+            color = colors.setdefault(curve["family"], f"C{len(colors) % 10}")
+            label = f"{curve['family']} ({_fmt(curve['apgr'], '.3f')})"
+            ax.plot([p["share"] for p in points], [p["pgr"] for p in points], ".-", color=color, label=label)
+        ax.axhline(0.0, color="gray", lw=0.8)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_title(f"budget: {budget}")
+        ax.set_xlabel("share of calls to the priciest tier")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="family (APGR)", title_fontsize=7)
+    for row_axes in axes:
+        row_axes[0].set_ylabel("performance gap recovered")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _legend(fig, flat, used: int) -> None:
+    handles, labels = {}, []
+    for ax in flat[:used]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = handle
+                labels.append(label)
+    fig.legend([handles[l] for l in labels], labels, fontsize=8, loc="lower right" if used < len(flat) else "upper right")
+
+
+def _with_ci(value, ci, spec: str) -> str:
+    if value is None:
+        return "–"
+    text = format(value, spec)
+    return text if not ci else f"{text} [{format(ci[0], spec)}, {format(ci[1], spec)}]"
+
+
+def curves_table(curves: list[dict]) -> str:
+    """APGR (call share and dollar axes) and CPT(50%/80%) per (budget, family), 95% intervals."""
+    header = "| budget | family | points | APGR | APGR ($) | CPT(50%) | CPT(80%) |"
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
+    for c in sorted(curves, key=lambda c: (budget_order(c["budget"]), -(c["apgr"] if c["apgr"] is not None else -9))):
+        lines.append(
+            f"| {c['budget']} | {c['family']} | {len(c['policies'])} | {_with_ci(c['apgr'], c['apgr_ci'], '.3f')} | "
+            f"{_with_ci(c['apgr_usd'], c['apgr_usd_ci'], '.3f')} | {_with_ci(c['cpt50'], c['cpt50_ci'], '.1%')} | "
+            f"{_with_ci(c['cpt80'], c['cpt80_ci'], '.1%')} |")
+    return "\n".join(lines)
+
+
+def write_report(out_dir: Path, rows: list[dict], records: list[dict], meta: dict,
+                 curves: list[dict] | None = None) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md``, ``frontier.png`` and (with curves) ``pgr.png``."""
     out_dir = Path(out_dir)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md", "plot": out_dir / "frontier.png"}
-    write_atomic(paths["json"], json.dumps({"meta": meta, "summary": rows, "episodes": records}, indent=1))
+    curves = curves or []
+    write_atomic(paths["json"], json.dumps({"meta": meta, "summary": rows, "curves": curves, "episodes": records},
+                                           indent=1))
     table = markdown_table(rows)
     tax = meta.get("taxonomy_counts")
     preface = f"# Evaluation: {meta.get('recipe', '')}\n\n{meta.get('tasks')} held-out tasks ({meta.get('split')})"
     if tax:
         preface += ", taxonomy " + ", ".join(f"{k} {v}" for k, v in tax.items())
-    write_atomic(paths["markdown"], preface + ".\n\n" + table + "\n")
+    text = preface + ".\n\n" + table + "\n"
+    if curves:
+        text += ("\n## Knob families: APGR and CPT\n\nPGR against the share of calls to the priciest tier, through "
+                 "each family's points and the budget's two boundary policies (`rlrouter/evaluate/curves.py`); "
+                 f"95% bootstrap intervals over tasks ({meta.get('bootstrap')} resamples).\n\n"
+                 + curves_table(curves) + "\n")
+        paths["pgr_plot"] = out_dir / "pgr.png"
+    write_atomic(paths["markdown"], text)
     frontier_plot(rows, paths["plot"], f"{meta.get('recipe', '')}: cost-success frontier")
+    if curves:
+        pgr_plot(curves, paths["pgr_plot"], f"{meta.get('recipe', '')}: gap recovered vs priciest-tier share")
     return paths

@@ -1,0 +1,153 @@
+"""Whole-knob metrics of a routing policy family: PGR curves, APGR and CPT(x%).
+
+A *family* is every policy whose name is ``family(knob=value)`` or just ``family``:
+``random(p=0.25)``, ``knn(t=0.05)``, ``bopo(bias=1)`` and ``bopo`` form the families
+``random``, ``knn`` and ``bopo``. Its curve, per budget, is success against the share of
+calls that went to the priciest tier, through the family's points and the two boundary
+policies of that budget (always-cheapest at one end, always-priciest at the other: the
+knob's extreme values, which route everything to one tier).
+
+Definitions (RouteLLM: Ong et al., "RouteLLM: Learning to Route LLMs with Preference
+Data", ICLR 2025, arXiv:2406.18665, §3.2 Eq. 6-8, and ``routellm/evals/evaluate.py``):
+
+- PGR = (succ − succ_small) / (succ_large − succ_small), the boundaries being the
+  unbudgeted always-cheapest and always-priciest success rates.
+- APGR = ∫ PGR(c) dc over the share c of strong calls: the trapezoid area of the points
+  sorted by c, divided by the width of the c range they span (RouteLLM's ``apgr_metric``:
+  ``(AUC − weak_auc) / (strong_auc − weak_auc)`` with both reference areas over the same
+  range). Unbudgeted, the range is [0, 1] and this is Eq. 7; under a cap it is the range
+  of shares the cap allows.
+- CPT(x%) = the smallest share c at which the piecewise-linear PGR curve reaches x%.
+  RouteLLM computes it with ``np.interp(target, accuracy, strong_pct)``, which assumes the
+  accuracy rises along the curve; on a non-monotone curve we take the first crossing
+  (the same value wherever ``np.interp`` is defined). ``None`` when the curve never
+  reaches x%.
+
+The same area on the dollar axis (``apgr_usd``) uses c = (cost − cost_small) /
+(cost_large − cost_small) instead of the call share. Intervals are percentile bootstrap
+intervals over tasks: every resample draws the held-out tasks with replacement and
+recomputes every point, the boundaries included, from the same draw (paired).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+BOUNDARIES = ("always-small", "always-large")
+CPT_LEVELS = (0.5, 0.8)
+
+
+def family(policy: str) -> str:
+    return policy.split("(", 1)[0]
+
+
+def apgr(shares, pgrs) -> float:
+    """Trapezoid area under PGR over the strong-call share, divided by the range width."""
+    x, y = _sorted(shares, pgrs)
+    width = x[-1] - x[0]
+    if width <= 0:
+        return float(y.mean())
+    return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2 / width)
+
+
+def cpt(shares, pgrs, level: float) -> float | None:
+    """Smallest share at which the piecewise-linear curve reaches ``level`` (first crossing)."""
+    x, y = _sorted(shares, pgrs)
+    if y[0] >= level:
+        return float(x[0])
+    for x0, x1, y0, y1 in zip(x[:-1], x[1:], y[:-1], y[1:]):
+        if y0 < level <= y1:
+            return float(x0 + (level - y0) / (y1 - y0) * (x1 - x0))
+    return None
+
+
+def _sorted(shares, pgrs) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(shares, dtype=float), np.asarray(pgrs, dtype=float)
+    if x.size == 0 or x.shape != y.shape:
+        raise ValueError("a curve needs as many PGR values as shares, at least one")
+    order = np.lexsort((y, x))  # by share; at equal shares the lower PGR first
+    return x[order], y[order]
+
+
+class EpisodeTable:
+    """Per-task arrays of each (policy, budget): success, priciest-tier calls, calls, cost."""
+
+    def __init__(self, records: list, top_tier: str):
+        self.tasks = sorted({r.task_id for r in records})
+        index = {t: i for i, t in enumerate(self.tasks)}
+        cells = defaultdict(lambda: np.zeros((4, len(self.tasks))))
+        counts = defaultdict(lambda: np.zeros(len(self.tasks)))
+        for r in records:
+            cell = cells[(r.policy, r.budget)]
+            i = index[r.task_id]
+            cell[:, i] += (r.success, r.calls.get(top_tier, 0), sum(r.calls.values()), r.cost_usd)
+            counts[(r.policy, r.budget)][i] += 1
+        self.cells = dict(cells)
+        self.counts = dict(counts)
+
+    def point(self, policy: str, budget: str, weights: np.ndarray) -> tuple[float, float, float]:
+        """(success, priciest-call share, mean cost) over the tasks weighted by ``weights``."""
+        cell, n = self.cells[(policy, budget)], self.counts[(policy, budget)]
+        w = weights * (n > 0)
+        success, top, calls, cost = (cell * w).sum(axis=1)
+        episodes = (n * w).sum()
+        return success / episodes, (top / calls if calls else 0.0), cost / episodes
+
+
+def family_curves(records: list, top_tier: str, reference_budget: str = "none", resamples: int = 200,
+                  seed: int = 0, level: float = 0.95) -> list[dict]:
+    """APGR, APGR on the dollar axis and CPT(50%/80%), with bootstrap intervals, per
+    (family, budget) for every family with a point at that budget.
+
+    Needs the unbudgeted boundaries (``reference_budget``) and both boundaries at each budget.
+    """
+    table = EpisodeTable(records, top_tier)
+    budgets = sorted({b for _, b in table.cells})
+    families = defaultdict(list)  # (family, budget) -> policies
+    for policy, budget in table.cells:
+        if policy not in BOUNDARIES:
+            families[(family(policy), budget)].append(policy)
+    if not all((b, reference_budget) in table.cells for b in BOUNDARIES):
+        return []
+    ones = np.ones(len(table.tasks))
+    rng = np.random.default_rng(seed)
+    draws = [np.bincount(rng.integers(len(table.tasks), size=len(table.tasks)), minlength=len(table.tasks))
+             for _ in range(resamples)]
+    rows = []
+    for (name, budget), policies in sorted(families.items()):
+        if not all((b, budget) in table.cells for b in BOUNDARIES):
+            continue
+        estimate = _curve_metrics(table, policies, budget, reference_budget, ones)
+        boot = [_curve_metrics(table, policies, budget, reference_budget, w) for w in draws]
+        row = {"family": name, "budget": budget, "policies": sorted(policies), **estimate}
+        for key in ("apgr", "apgr_usd", "cpt50", "cpt80"):
+            values = [b[key] for b in boot if b[key] is not None]
+            reached = len(values) / len(boot) if boot else 0.0
+            row[f"{key}_ci"] = (
+                [float(np.quantile(values, (1 - level) / 2)), float(np.quantile(values, (1 + level) / 2))]
+                if values and reached >= level else None)
+        rows.append(row)
+    return rows
+
+
+def _curve_metrics(table: EpisodeTable, policies: list[str], budget: str, reference: str,
+                   weights: np.ndarray) -> dict:
+    s_small, _, c_small = table.point("always-small", reference, weights)
+    s_large, _, c_large = table.point("always-large", reference, weights)
+    gap, spend = s_large - s_small, c_large - c_small
+    points = [table.point(p, budget, weights) for p in [*BOUNDARIES, *policies]]
+    if gap == 0 or spend == 0:
+        return {"apgr": None, "apgr_usd": None, "cpt50": None, "cpt80": None, "points": []}
+    pgrs = [(s - s_small) / gap for s, _, _ in points]
+    shares = [share for _, share, _ in points]
+    usd = [(cost - c_small) / spend for _, _, cost in points]
+    return {
+        "apgr": apgr(shares, pgrs),
+        "apgr_usd": apgr(usd, pgrs),
+        "cpt50": cpt(shares, pgrs, CPT_LEVELS[0]),
+        "cpt80": cpt(shares, pgrs, CPT_LEVELS[1]),
+        "points": [{"policy": p, "share": round(c, 6), "usd_share": round(u, 6), "pgr": round(g, 6)}
+                   for p, c, u, g in zip([*BOUNDARIES, *policies], shares, usd, pgrs)],
+    }
