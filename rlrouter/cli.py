@@ -22,9 +22,11 @@ def _eval(args) -> int:
 
 
 def _print_eval(result) -> None:
-    from rlrouter.evaluate.report import markdown_table
+    from rlrouter.evaluate.report import curves_table, markdown_table
 
     print(markdown_table(result["rows"]))
+    if result.get("curves"):
+        print("\n" + curves_table(result["curves"]))
     print(f"\ntaxonomy of the {result['meta']['tasks']} tasks: {result['meta']['taxonomy_counts']}")
     for kind, path in result["paths"].items():
         print(f"{kind}: {path}")
@@ -201,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="budget spec, repeatable: none | usd=0.05 | large_calls=5,10,15 | usd=0.05+large_calls=5")
     p.add_argument("--tasks", type=int, help="number of held-out tasks (default: recipe eval.tasks)")
     p.add_argument("--seed", type=int, help="seed (default: recipe seed)")
-    p.add_argument("--policies", help="comma-separated baselines (default: recipe eval.policies)")
+    p.add_argument("--policies", help="comma-separated baselines and embedding routers (knn, mlp, mf) "
+                   "(default: recipe eval.policies)")
     p.add_argument("--out", help="output folder (default: recipe eval.out_dir or runs/<name>/eval)")
     p.add_argument("--checkpoint", help="a router checkpoint to evaluate beside the baselines")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
