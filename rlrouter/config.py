@@ -126,7 +126,7 @@ class EvalSection:
     taxonomy_threshold: float = 0.5
     oracle_max_expansions: int = 4000
     router_bias: list = field(default_factory=lambda: [0.0])
-    embedding: dict = field(default_factory=dict)
+    embedding: Any = field(default_factory=dict)  # a mapping in YAML; an EmbeddingSection once loaded
     bootstrap: int = 200
     out_dir: str | None = None
 
