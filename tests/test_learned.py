@@ -178,3 +178,10 @@ def test_unknown_policy_names_are_refused_before_any_episode(monkeypatch):
     recipe = recipe_from_dict({"world": {"kind": "synthetic", "n_test": 4}, "eval": {"tasks": 4}})
     with pytest.raises(ValueError, match=r"policies: unknown \['knm'\]"):
         job.eval_recipe(recipe, policies=["always-small", "knm"], progress=False)
+
+
+def test_an_embedding_does_not_depend_on_the_texts_embedded_with_it(tmp_path):
+    texts = ["a short step", "a much longer step text that pads every other text in its batch " * 4, "third"]
+    together = SentenceEncoder(cache_dir=tmp_path / "a").encode(texts)
+    alone = np.stack([SentenceEncoder(cache_dir=tmp_path / f"b{i}").encode([t])[0] for i, t in enumerate(texts)])
+    assert np.array_equal(together, alone)

@@ -102,7 +102,7 @@ def run_report(recipe: Recipe, train_rl: Callable, seeds: list[int], variants: l
                                       recipe.budgets(), recipe.seed, progress=progress)
             for record in records:
                 record.taxonomy = labels.get(record.task_id)
-            for row in summarize(records + reference_records, recipe.pool.priciest.name):
+            for row in summarize(records + reference_records, recipe.pool.priciest.name, recipe.pool.names):
                 if row["policy"] == variant:
                     per_seed[(variant, row["budget"])].append(row)
             runs.append({"variant": variant, "seed": seed, "checkpoint": str(path),

@@ -5,10 +5,11 @@ A policy is an object with ``name``, ``begin(env, seed)`` (called after ``env.re
 tier it wants is masked by the budget it takes the nearest allowed tier, cheaper first.
 
 - ``AlwaysTier``: one tier every step (always-small / always-large: the boundary policies).
-- ``RandomRouter(p)``: the priciest tier with probability p, else the cheapest.
+- ``RandomRouter(p)``: with probability p one of the tiers above the cheapest (uniformly;
+  with two tiers, the priciest), else the cheapest.
 - ``FirstLarge(k)``: the priciest tier for the first k steps, then the cheapest.
-- ``EscalateOnFailure``: the cheapest tier; after a failed step the priciest, until a
-  step succeeds again.
+- ``EscalateOnFailure``: the cheapest tier; after a failed step one tier above the tier
+  that failed (with two tiers: the priciest), until a step succeeds again.
 - ``HindsightOracle``: the cheapest successful route found by uniform-cost search over
   replays of the same episode (same seed), where the world allows it. It sees the future:
   an upper bound on what any router can reach, not a deployable policy.
@@ -53,7 +54,10 @@ class RandomRouter:
         self.rng = np.random.default_rng([seed, 99])
 
     def act(self, obs, info) -> int:
-        return respect_mask(self.top if self.rng.random() < self.p_large else 0, info)
+        if self.rng.random() >= self.p_large:
+            return respect_mask(0, info)
+        pricier = 1 + (int(self.rng.integers(self.top)) if self.top > 1 else 0)  # no extra draw with two tiers
+        return respect_mask(pricier, info)
 
 
 class FirstLarge:
@@ -75,13 +79,16 @@ class EscalateOnFailure:
     def __init__(self, n_tiers: int):
         self.top = n_tiers - 1
         self.name = "escalate"
+        self.tiers: list[str] = []
 
     def begin(self, env: RoutingEnv, seed: int) -> None:
-        pass
+        self.tiers = list(env.pool.names)
 
     def act(self, obs, info) -> int:
-        failed_last = "step_ok" in info and not info["step_ok"]
-        return respect_mask(self.top if failed_last else 0, info)
+        if "step_ok" not in info or info["step_ok"]:
+            return respect_mask(0, info)
+        failed = self.tiers.index(info["tier"]) if info.get("tier") in self.tiers else 0
+        return respect_mask(min(self.top, failed + 1), info)
 
 
 class HindsightOracle:

@@ -81,7 +81,7 @@ def eval_recipe(recipe: Recipe, budgets: list[Budget] | None = None, tasks: int 
         if refs:
             more, _ = evaluate(env, refs, task_ids, [budget], seed=seed, taxonomy=labels, progress=progress)
             records += more
-    rows = summarize(records, recipe.pool.priciest.name)
+    rows = summarize(records, recipe.pool.priciest.name, recipe.pool.names)
     curves = family_curves(records, recipe.pool.priciest.name, REFERENCE_BUDGET, resamples=cfg.bootstrap, seed=seed)
     meta = {
         "recipe": recipe.name,

@@ -23,17 +23,22 @@ def _fmt(value, spec: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """One line per (policy, budget), grouped by budget."""
+    """One line per (policy, budget), grouped by budget; with more than two tiers a column
+    gives every tier's share of calls (cheapest first)."""
+    tiers = list(rows[0].get("tier_shares", {})) if rows else []
+    shares = len(tiers) > 2
     header = (
         "| budget | policy | success | mean cost ($) | cost vs large | large frac | "
-        "easy | hard | intractable | violations | gap recovered | well-formed |"
+        + (f"calls {' / '.join(tiers)} | " if shares else "")
+        + "easy | hard | intractable | violations | gap recovered | well-formed |"
     )
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for row in sorted(rows, key=lambda r: (budget_order(r["budget"]), r["mean_cost_usd"])):
         tax = row["success_by_taxonomy"]
+        split = (" / ".join(f"{row['tier_shares'].get(t, 0.0):.2f}" for t in tiers) + " | ") if shares else ""
         lines.append(
             f"| {row['budget']} | {row['policy']} | {row['success']:.3f} | {row['mean_cost_usd']:.4g} | "
-            f"{_fmt(row['cost_vs_large'], '.2f')} | {row['large_fraction']:.2f} | "
+            f"{_fmt(row['cost_vs_large'], '.2f')} | {row['large_fraction']:.2f} | " + split
             + " | ".join(_fmt(tax.get(label), ".2f") for label in TAXONOMY_LABELS)
             + f" | {row['budget_violations']} | {_fmt(row['gap_recovered'], '.2f')} | {_fmt(row.get('well_formed'), '.3f')} |"
         )

@@ -90,12 +90,13 @@ def evaluate(env: RoutingEnv, policies: list, task_ids: list[str], budgets: list
     return records, {"episodes": total, "seconds": time.perf_counter() - start}
 
 
-def summarize(records: list[EpisodeRecord], top_tier: str) -> list[dict]:
+def summarize(records: list[EpisodeRecord], top_tier: str, tiers: list[str] | None = None) -> list[dict]:
     """One row per (policy, budget): the metrics of the eval table.
 
     ``gap_recovered = (succ - succ_small) / (succ_large - succ_small)`` uses the unbudgeted
     always-small / always-large rows as the two boundaries; ``cost_vs_large`` divides the
-    mean cost by unbudgeted always-large's.
+    mean cost by unbudgeted always-large's; ``large_fraction`` is the priciest tier's share
+    of calls and ``tier_shares`` every tier's (in ``tiers`` order).
     """
     groups: dict[tuple[str, str], list[EpisodeRecord]] = defaultdict(list)
     for r in records:
@@ -128,6 +129,8 @@ def summarize(records: list[EpisodeRecord], top_tier: str) -> list[dict]:
             "mean_cost_usd": cost,
             "cost_vs_large": cost / cost_large if cost_large else None,
             "large_fraction": calls_top / calls_total if calls_total else 0.0,
+            "tier_shares": {t: (sum(r.calls.get(t, 0) for r in group) / calls_total if calls_total else 0.0)
+                            for t in (tiers or sorted({t for r in group for t in r.calls}))},
             "success_by_taxonomy": {label: mean(v) for label, v in sorted(by_label.items())},
             "budget_violations": sum(r.violation for r in group),
             "budget_exhausted": sum(r.budget_exhausted for r in group),

@@ -109,10 +109,14 @@ def load_checkpoint(path: str | Path, pool_names: list[str] | None = None, devic
 
 
 def load_router(name_or_path: str):
-    """Any causal LM for routing: a local directory or a hub id (GPU users)."""
+    """Any causal LM for routing: a preset (``smollm2-135m``), a ``.gguf`` file, a local
+    directory or a hub id (GPU users); see ``rlrouter.router.bases``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path)
+    from rlrouter.router.bases import resolve_base
+
+    location = resolve_base(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    model = AutoModelForCausalLM.from_pretrained(location)
     tokenizer.padding_side = "left"
     return model, tokenizer
