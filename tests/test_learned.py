@@ -185,3 +185,19 @@ def test_an_embedding_does_not_depend_on_the_texts_embedded_with_it(tmp_path):
     together = SentenceEncoder(cache_dir=tmp_path / "a").encode(texts)
     alone = np.stack([SentenceEncoder(cache_dir=tmp_path / f"b{i}").encode([t])[0] for i, t in enumerate(texts)])
     assert np.array_equal(together, alone)
+
+
+def test_a_fit_does_not_depend_on_what_ran_before_it(named_tier_table, cache_dir):
+    import torch
+
+    recipe = named_recipe(named_tier_table, cache_dir)
+    env = recipe.make_env("train")
+    table = boundary_steps(env, env.task_ids[:10], progress=False)
+    embeddings = SentenceEncoder(cache_dir=cache_dir).encode(table.texts)
+    settings = recipe.eval.embedding.fit_settings() | {"epochs": 2}
+    for kind in ("mlp", "mf"):
+        torch.manual_seed(1)
+        first = LearnedRouter.fit(kind, table, embeddings, settings, seed=0).predict(embeddings, table.numeric)
+        torch.rand(1000)  # other work moves the global generator
+        second = LearnedRouter.fit(kind, table, embeddings, settings, seed=0).predict(embeddings, table.numeric)
+        assert np.array_equal(first, second), kind

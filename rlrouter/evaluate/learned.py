@@ -183,6 +183,7 @@ class LearnedRouter:
         router = cls(kind, table.tiers, None, settings, mean, std, np.zeros((len(table.tiers), 1)),
                      np.nanmean(np.where(table.known, table.cost_usd, np.nan), axis=0), [], {})
         x = router.features(embeddings[rows], table.numeric[rows])
+        torch.manual_seed(seed)  # the heads' initial weights: independent of what ran before in the process
         router.scorer = _new_scorer(kind, x.shape[1], len(table.tiers), settings, table=_rows(table, rows), x=x)
         stats = router.scorer.fit(x=x, success=table.success[rows], known=table.known[rows], epochs=settings["epochs"],
                                   learning_rate=settings["learning_rate"], batch_size=settings["batch_size"], seed=seed)
