@@ -30,6 +30,7 @@ class RecordingEngine:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.tiers = engine.tiers
+        self.format = engine.format
         self.calls = []
         self.seconds = 0.0
 

@@ -232,6 +232,14 @@ class RouterSection:
             of history) or ``episode`` (the whole episode as one growing chat).
         max_new_tokens: generation cap per router turn.
         batch_size: episodes played in lockstep during evaluation.
+        turn_format: ``think_route`` (``<think>…</think><route>TIER</route>``, the default) or
+            ``route`` (``<route>TIER</route>`` alone: a pretrained base on CPU, fast RL).
+        max_prompt_tokens: a step prompt longer than this keeps the head and the tail of its
+            text with a cut marker between (``RouterFormat``); null: no cut. Step mode only.
+        cut_head_share: share of the kept text taken from the head (the rest from the tail).
+        train_layers: train only the top k transformer layers (and the final norm; an untied
+            LM head too), the rest frozen and run without grad, in SFT and RL; null: all
+            weights (or LoRA, ``sft.lora`` / ``rl.lora``).
     """
 
     base: str = "tiny"
@@ -239,6 +247,16 @@ class RouterSection:
     tiny: dict = field(default_factory=dict)
     max_new_tokens: int = 32
     batch_size: int = 64
+    turn_format: str = "think_route"
+    max_prompt_tokens: int | None = None
+    cut_head_share: float = 0.5
+    train_layers: int | None = None
+
+    def format(self):
+        """The ``RouterFormat`` a router trained from this recipe writes into its checkpoints."""
+        from rlrouter.router.prompt import RouterFormat
+
+        return RouterFormat(self.turn_format, self.max_prompt_tokens, self.cut_head_share)
 
     def tiny_config(self):
         from rlrouter.router.model import TinyRouterConfig
@@ -415,6 +433,20 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
     ray = _section(RaySection, data.get("ray"), f"{where}: ray")
     if router.prompt_mode not in ("step", "episode"):
         raise RecipeError(f"{where}: router.prompt_mode must be 'step' or 'episode', got {router.prompt_mode!r}")
+    try:
+        router.format()
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"{where}: {err}") from None
+    if router.max_prompt_tokens is not None and router.prompt_mode != "step":
+        raise RecipeError(f"{where}: router.max_prompt_tokens cuts step prompts; set router.prompt_mode: step "
+                          "or remove router.max_prompt_tokens")
+    if router.train_layers is not None:
+        if not isinstance(router.train_layers, int) or router.train_layers < 1:
+            raise RecipeError(f"{where}: router.train_layers must be an integer >= 1 (or null: all layers), "
+                              f"got {router.train_layers!r}")
+        if sft.lora or rl.lora:
+            raise RecipeError(f"{where}: router.train_layers and LoRA ({'sft' if sft.lora else 'rl'}.lora) exclude "
+                              "each other; choose one")
     if router.base == "tiny":
         try:
             router.tiny_config()

@@ -64,13 +64,13 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
 class RolloutActorImpl:
     """The body of a rollout actor (``RolloutActor`` is this class as a Ray actor)."""
 
-    def __init__(self, recipe, config, tokenizer, prompt_mode: str, split: str, threads: int = 1):
+    def __init__(self, recipe, config, tokenizer, prompt_mode: str, split: str, threads: int = 1, fmt=None):
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(max(1, threads))
         model = AutoModelForCausalLM.from_config(config).eval()
         world = recipe.build_world()
-        engine = HFEngine(model, tokenizer, recipe.pool.names, recipe.router.max_new_tokens)
+        engine = HFEngine(model, tokenizer, recipe.pool.names, recipe.router.max_new_tokens, format=fmt)
         self.worker = RolloutWorker(engine, lambda: recipe.make_env(split, world=world), prompt_mode)
         self.version = -1
 
@@ -95,14 +95,14 @@ class RayRollouts:
     """
 
     def __init__(self, recipe, model, tokenizer, prompt_mode: str, split: str, shards: int,
-                 workers: int | None = None, cpus_per_worker: float = 1.0, max_restarts: int = 3):
+                 workers: int | None = None, cpus_per_worker: float = 1.0, max_restarts: int = 3, fmt=None):
         import ray
 
         actor = ray.remote(RolloutActorImpl)
         threads = max(1, int(cpus_per_worker))
         self.shards = shards
         self.actors = [actor.options(num_cpus=cpus_per_worker, max_restarts=max_restarts, max_task_retries=0)
-                       .remote(recipe, model.config, tokenizer, prompt_mode, split, threads)
+                       .remote(recipe, model.config, tokenizer, prompt_mode, split, threads, fmt)
                        for a in range(workers or shards)]
         self.max_restarts = max_restarts
         self.restart_timeout_s = 300.0
@@ -204,7 +204,7 @@ def _learner_loop(config: dict) -> None:
         workers = recipe.ray.rollout_workers or recipe.rl.rollout_shards
         trainer.rollouts = RayRollouts(recipe, trainer.model, trainer.tokenizer, trainer.prompt_mode, recipe.rl.split,
                                        recipe.rl.rollout_shards, workers, recipe.ray.rollout_cpus,
-                                       recipe.ray.max_rollout_restarts)
+                                       recipe.ray.max_rollout_restarts, trainer.format)
         trainer.meta["training"]["ray"] = {"learner_workers": trainer.world_size, "rollout_workers": workers,
                                            "rollout_shards": recipe.rl.rollout_shards}
         sys.stdout.write(f"rl on ray: {recipe.rl.algorithm}, {trainer.world_size} learner(s) on {trainer.device}, "

@@ -27,12 +27,13 @@ def run_synth(recipe: Recipe, out_dir: str | Path | None = None, progress: bool 
 
 
 def build_router(recipe: Recipe, dataset):
-    """(model, tokenizer): the tiny router with a tokenizer trained on the dataset, or ``router.base``."""
+    """(model, tokenizer): the tiny router with a tokenizer trained on the dataset, or
+    ``router.base`` with the format tags added as tokens and the router's chat template."""
     from rlrouter.router.checkpoint import load_router
-    from rlrouter.router.model import build_tiny_router, train_tokenizer
+    from rlrouter.router.model import as_router, build_tiny_router, train_tokenizer
 
     if recipe.router.base != "tiny":
-        return load_router(recipe.router.base)
+        return as_router(*load_router(recipe.router.base))
     texts = ("\n".join(m["content"] for m in messages) for messages in dataset["messages"])
     tokenizer = train_tokenizer(texts, recipe.router.tiny_config().vocab_size)
     return build_tiny_router(tokenizer, recipe.router.tiny_config(), seed=recipe.seed), tokenizer
@@ -42,6 +43,7 @@ def run_sft_stage(recipe: Recipe, synth_dir: str | Path | None = None, out_dir: 
                   resume: bool = False, progress: bool = True) -> Path:
     from datasets import load_from_disk
 
+    from rlrouter.router.model import freeze_below
     from rlrouter.sft.train import run_sft
 
     synth_dir = Path(synth_dir) if synth_dir else recipe.synth_dir()
@@ -52,6 +54,7 @@ def run_sft_stage(recipe: Recipe, synth_dir: str | Path | None = None, out_dir: 
         from rlrouter.boundary.synthesis import step_examples
 
         dataset = step_examples(dataset)
+    fmt = recipe.router.format()
     out_dir = Path(out_dir) if out_dir else recipe.sft_dir()
     resume_from = None
     if resume:
@@ -62,12 +65,17 @@ def run_sft_stage(recipe: Recipe, synth_dir: str | Path | None = None, out_dir: 
         resume_from = out_dir / "trainer_state"
     else:
         model, tokenizer = build_router(recipe, dataset)
+    if fmt != type(fmt)():  # the synthesized turns are think/route with whole prompts: rewrite and cut them
+        dataset = dataset.map(lambda row: {"messages": fmt.as_training_example(tokenizer, row["messages"])},
+                              desc="turn format")
+    freeze_below(model, recipe.router.train_layers)
     meta = {
         "pool": recipe.pool.describe(),
         "budgets": [b.to_dict() for b in recipe.synth_budgets()],
         "router": {"base": recipe.router.base, "prompt_mode": recipe.router.prompt_mode,
                    "history_window": recipe.env.history_window,
-                   "max_new_tokens": recipe.router.max_new_tokens},
+                   "max_new_tokens": recipe.router.max_new_tokens, "format": fmt.to_dict(),
+                   "train_layers": recipe.router.train_layers},
         "training": {"recipe": recipe.name, "seed": recipe.seed, "synth_dir": str(synth_dir)},
     }
     return run_sft(model, tokenizer, dataset, recipe.sft, out_dir, meta, seed=recipe.seed,
@@ -107,11 +115,14 @@ def build_rl_trainer(recipe: Recipe, init: Path, out_dir: Path, resume: bool = F
     from rlrouter.boundary.runs import LABELS
     from rlrouter.rl.trainer import RLTrainer, load_boundaries
     from rlrouter.router.checkpoint import load_checkpoint
+    from rlrouter.router.model import freeze_below
+    from rlrouter.router.prompt import RouterFormat
 
     cfg = recipe.rl
     state_dir = Path(state_dir or out_dir)
     start_from = state_dir if resume else init
     model, tokenizer, ckpt_meta = load_checkpoint(init if (resume and cfg.lora) else start_from, recipe.pool.names)
+    freeze_below(model, ckpt_meta.get("router", {}).get("train_layers"))
     if resume and cfg.lora:  # the checkpoint is merged; training continues on the adapter over the init weights
         from peft import PeftModel
 
@@ -128,7 +139,8 @@ def build_rl_trainer(recipe: Recipe, init: Path, out_dir: Path, resume: bool = F
     if cfg.engine == "vllm":
         from rlrouter.router.generation import VLLMEngine
 
-        engine = VLLMEngine(str(start_from), tokenizer, recipe.pool.names, recipe.router.max_new_tokens, recipe.seed)
+        engine = VLLMEngine(str(start_from), tokenizer, recipe.pool.names, recipe.router.max_new_tokens, recipe.seed,
+                            format=RouterFormat.from_meta(ckpt_meta))
     task_ids = env.task_ids[: cfg.tasks]
     if set(cfg.task_taxonomy) != set(LABELS):
         task_ids = [t for t in task_ids if t in boundaries and boundaries[t].taxonomy in cfg.task_taxonomy]

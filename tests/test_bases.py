@@ -90,3 +90,34 @@ def test_missing_paths_are_refused():
     with pytest.raises(BaseError, match="/nowhere/model not found"):
         check_base("/nowhere/model")
     check_base("Qwen/Qwen2.5-0.5B-Instruct")  # a hub id passes (GPU machines with the hub)
+
+
+@needs_wheel
+@pytest.mark.slow
+def test_as_router_makes_the_format_tags_single_tokens_from_their_pieces(converted):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlrouter.router.model import as_router, freeze_below
+    from rlrouter.router.prompt import FORMAT_TAGS
+
+    tokenizer = AutoTokenizer.from_pretrained(converted[1])
+    model = AutoModelForCausalLM.from_pretrained(converted[1])
+    pieces = tokenizer("<route>", add_special_tokens=False).input_ids
+    assert len(pieces) > 1  # the base reads "<route>" as several tokens
+    expected = model.get_input_embeddings().weight[pieces].mean(dim=0).detach().clone()
+    model, tokenizer = as_router(model, tokenizer)
+    assert len(tokenizer) == 49152 + len(FORMAT_TAGS)
+    for tag in FORMAT_TAGS:
+        assert len(tokenizer(tag, add_special_tokens=False).input_ids) == 1, tag
+    route_id = tokenizer.convert_tokens_to_ids("<route>")
+    assert torch.allclose(model.get_input_embeddings().weight[route_id], expected)
+    assert torch.equal(model.get_output_embeddings().weight[route_id], model.get_input_embeddings().weight[route_id])
+    chat = [{"role": "user", "content": "Task: t"}, {"role": "assistant", "content": "<route>small</route>"}]
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False)
+    assert rendered == "<|im_start|>user\nTask: t<|im_end|>\n<|im_start|>assistant\n<route>small</route><|im_end|>\n"
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    # tied embeddings: the top layers and the final norm train, the embeddings stay frozen
+    trainable = freeze_below(model, 2)
+    layer = sum(p.numel() for p in model.model.layers[-1].parameters())
+    assert trainable == 2 * layer + model.model.norm.weight.numel()
+    assert not model.get_input_embeddings().weight.requires_grad

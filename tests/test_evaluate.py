@@ -118,4 +118,7 @@ def test_recipe_errors_name_the_field(data, message):
 
 def test_shipped_recipes_validate(routellm_dir):
     for path in sorted((ROOT / "recipes").glob("*.yaml")):
-        assert load_recipe(path).pool.names == ["small", "large"]
+        recipe = load_recipe(path)
+        assert recipe.pool.names[0] == "small" and recipe.pool.names[-1] == "large", path
+        prices = [t.usd_per_1m_output for t in recipe.pool.tiers]
+        assert prices == sorted(prices), path  # tiers cheapest first

@@ -1,11 +1,15 @@
 """Stratified synthesis of SFT trajectories from the boundary taxonomy (BoPO; shared/DESIGN.md).
 
 - easy and intractable tasks -> an always-small trajectory (cheap success, cheap failure);
-- hard tasks -> for k = 0..N, M trajectories that route each step to the priciest tier with
-  probability k/N, all with the task's episode seed; keep the cheapest successful one, then
-  prune it (drop each large call whose removal keeps the success, cheaper). If none
-  succeeds: the always-large trajectory when it succeeds, else the task is left out and
+- hard tasks -> for every stratum, M trajectories that draw each step's tier from the
+  stratum's shares, all with the task's episode seed; keep the cheapest successful one, then
+  prune it (move each call to the cheapest tier that still succeeds, cheaper). If none
+  succeeds: the always-priciest trajectory when it succeeds, else the task is left out and
   counted.
+
+Strata (``strata``) are the shares of the tiers on a grid of step 1/N: with two tiers,
+P(priciest) = k/N for k = 0..N (BoPO); with n tiers, every point of the simplex grid
+(``N + n − 1`` choose ``n − 1`` of them), so a middle tier can carry a trajectory alone.
 
 Each trajectory is written as the router conversation (rlrouter.router.prompt), with the
 think text built only from what the router could see at that step. Every trajectory is
@@ -62,41 +66,71 @@ def play_trajectory(env: RoutingEnv, task_id: str, budget: Budget, seed: int, ch
                               step_prompts)
 
 
+def strata(n_tiers: int, n_strata: int) -> list[np.ndarray]:
+    """The tiers' shares of every stratum, cheapest tier first: the points of the simplex
+    grid of step 1/N, ordered by the pricier tiers' total share, lowest first. Two tiers
+    give (1 − k/N, k/N) for k = 0..N."""
+    if n_tiers == 1:
+        return [np.ones(1)]
+
+    def compositions(total: int, parts: int):  # non-negative integer vectors summing to total
+        if parts == 1:
+            yield (total,)
+            return
+        for first in range(total + 1):
+            for rest in compositions(total - first, parts - 1):
+                yield (first, *rest)
+
+    pricier = sorted((c for total in range(n_strata + 1) for c in compositions(total, n_tiers - 1)),
+                     key=lambda c: (sum(c), c[::-1]))
+    return [np.array([n_strata - sum(c), *c]) / n_strata for c in pricier]
+
+
+def draw_tier(u: float, shares: np.ndarray) -> int:
+    """The tier a uniform draw ``u`` picks under ``shares``, the priciest tier's interval
+    first (two tiers: the priciest iff u < its share, as BoPO's P(large) = k/N)."""
+    cumulative = 0.0
+    for tier in range(len(shares) - 1, 0, -1):
+        cumulative += shares[tier]
+        if u < cumulative:
+            return tier
+    return 0
+
+
 def cheapest_successful(env: RoutingEnv, task_id: str, budget: Budget, seed: int, n_strata: int,
                         samples: int) -> Trajectory | None:
-    """Stratified search: P(priciest) = k/N for k = 0..N, ``samples`` each; cheapest success.
+    """Stratified search over ``strata``, ``samples`` each; the cheapest success, pruned.
 
     Every sample plays the episode with the same ``seed``."""
-    top = len(env.pool) - 1
     best = None
-    for k in range(n_strata + 1):
+    for k, shares in enumerate(strata(len(env.pool), n_strata)):
         for m in range(samples):
             # One episode seed for every sample: the world's draws are shared (common random
-            # numbers), so samples differ only in where they spend large calls, and the
-            # cheapest success puts them where the small model would fail, not on luck.
+            # numbers), so samples differ only in where they spend pricier calls, and the
+            # cheapest success puts them where the cheaper tiers would fail, not on luck.
             rng = np.random.default_rng([seed, k, m])
-            p = k / n_strata
-            traj = play_trajectory(env, task_id, budget, seed, lambda view: top if rng.random() < p else 0)
+            traj = play_trajectory(env, task_id, budget, seed, lambda view: draw_tier(rng.random(), shares))
             if traj.success and (best is None or traj.cost_usd < best.cost_usd):
                 best = traj
-    return prune_large_calls(env, task_id, budget, seed, best) if best is not None else None
+    return prune_calls(env, task_id, budget, seed, best) if best is not None else None
 
 
-def prune_large_calls(env: RoutingEnv, task_id: str, budget: Budget, seed: int, traj: Trajectory) -> Trajectory:
-    """Drop the priciest-tier calls the success did not need: replay (same seed) with each
-    one switched to the cheapest tier, in order, and keep every switch that still succeeds
-    at a lower cost. Random placement puts many large calls on routine steps; this pass
-    leaves them where the small model would have failed."""
-    top = len(env.pool) - 1
+def prune_calls(env: RoutingEnv, task_id: str, budget: Budget, seed: int, traj: Trajectory) -> Trajectory:
+    """Move every call the success did not need to a cheaper tier: replay (same seed) with
+    each call above the cheapest tier switched to each cheaper tier, cheapest first, in
+    order, and keep the first switch that still succeeds at a lower cost. Random placement
+    puts many pricey calls on routine steps; this pass leaves them where the cheaper tiers
+    would have failed (and, with three tiers, moves a large call to medium where medium
+    suffices)."""
     for index in range(len(traj.actions)):
-        if traj.actions[index] != top:
-            continue
-        route = list(traj.actions)
-        route[index] = 0
-        candidate = play_trajectory(env, task_id, budget, seed,
-                                    lambda view, r=route: r[len(view["history"])] if len(view["history"]) < len(r) else 0)
-        if candidate.success and candidate.cost_usd < traj.cost_usd:
-            traj = candidate
+        for cheaper in range(traj.actions[index]):
+            route = list(traj.actions)
+            route[index] = cheaper
+            candidate = play_trajectory(env, task_id, budget, seed, lambda view, r=route: (
+                r[len(view["history"])] if len(view["history"]) < len(r) else 0))
+            if candidate.success and candidate.cost_usd < traj.cost_usd:
+                traj = candidate
+                break
     return traj
 
 
@@ -133,6 +167,7 @@ def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed
             "success": traj.success,
             "cost_usd": traj.cost_usd,
             "large_calls": int(sum(a == top for a in traj.actions)),
+            "tier_calls": [int(sum(a == t for a in traj.actions)) for t in range(len(env.pool))],
             "steps": len(traj.actions),
             "s_small": s.s_small, "s_large": s.s_large, "c_small": s.c_small, "c_large": s.c_large,
         })
@@ -148,8 +183,15 @@ def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed
         "mean_large_fraction_hard": float(np.mean([r["large_calls"] / r["steps"] for r in rows
                                                    if r["taxonomy"] == "hard"] or [0.0])),
         "success_rate_of_examples": float(np.mean([r["success"] for r in rows] or [0.0])),
+        "tier_shares_hard": tier_shares([r for r in rows if r["taxonomy"] == "hard"], env.pool.names),
     }
     return dataset, stats, labels, report
+
+
+def tier_shares(rows: list[dict], names: list[str]) -> dict[str, float]:
+    """Each tier's share of the calls in ``rows`` (synthesized trajectories)."""
+    totals = np.sum([r["tier_calls"] for r in rows], axis=0) if rows else np.zeros(len(names))
+    return {name: float(n / totals.sum()) if totals.sum() else 0.0 for name, n in zip(names, totals)}
 
 
 def step_examples(dataset):

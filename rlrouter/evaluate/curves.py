@@ -104,7 +104,6 @@ def family_curves(records: list, top_tier: str, reference_budget: str = "none", 
     Needs the unbudgeted boundaries (``reference_budget``) and both boundaries at each budget.
     """
     table = EpisodeTable(records, top_tier)
-    budgets = sorted({b for _, b in table.cells})
     families = defaultdict(list)  # (family, budget) -> policies
     for policy, budget in table.cells:
         if policy not in BOUNDARIES:

@@ -10,6 +10,7 @@ from envs.budget import Budget
 from rlrouter.evaluate.runner import EpisodeRecord, budget_violated, episode_seed
 from rlrouter.router.episodes import EpisodeSpec, play_episodes
 from rlrouter.router.generation import HFEngine
+from rlrouter.router.prompt import RouterFormat
 
 
 class RouterPolicy:
@@ -24,10 +25,10 @@ class RouterPolicy:
 
     def __init__(self, model, tokenizer, pool_names: list[str], max_new_tokens: int = 48, batch_size: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, constrain: bool = True, route_bias: float = 0.0,
-                 prompt_mode: str = "step", name: str = "router", engine=None):
+                 prompt_mode: str = "step", name: str = "router", engine=None, fmt: RouterFormat | None = None):
         if prompt_mode not in ("step", "episode"):
             raise ValueError(f"prompt_mode must be 'step' or 'episode', got {prompt_mode!r}")
-        self.engine = engine or HFEngine(model, tokenizer, pool_names, max_new_tokens, route_bias)
+        self.engine = engine or HFEngine(model, tokenizer, pool_names, max_new_tokens, route_bias, format=fmt)
         self.tokenizer = tokenizer
         self.pool_names = list(pool_names)
         self.batch_size = batch_size
@@ -46,7 +47,7 @@ class RouterPolicy:
         trained = meta.get("router", {})
         return cls(model, tokenizer, recipe.pool.names, max_new_tokens=recipe.router.max_new_tokens,
                    batch_size=recipe.router.batch_size, route_bias=route_bias, name=name,
-                   prompt_mode=trained.get("prompt_mode", "episode"))
+                   prompt_mode=trained.get("prompt_mode", "episode"), fmt=RouterFormat.from_meta(meta))
 
     def play(self, env_factory, episodes: list[tuple[str, Budget, int]], progress: bool = True) -> list[EpisodeRecord]:
         """Play ``(task_id, budget, seed)`` episodes in lockstep batches."""

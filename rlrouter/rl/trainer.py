@@ -44,6 +44,7 @@ from rlrouter.rl.workers import LocalRollouts, RolloutWorker, shard_seed
 from rlrouter.router.checkpoint import save_checkpoint
 from rlrouter.router.episodes import EpisodeSpec, Rollout
 from rlrouter.router.generation import HFEngine
+from rlrouter.router.prompt import RouterFormat
 from rlrouter.router.model import default_device
 
 
@@ -95,7 +96,8 @@ class RLTrainer:
             self.value_head = ValueHead(self.model.config.hidden_size).to(self.device)
             params.append({"params": list(self.value_head.parameters()), "lr": cfg.value_learning_rate})
         self.optimizer = torch.optim.AdamW(params, weight_decay=0.0)
-        engine = engine or HFEngine(self.model, tokenizer, self.tiers, max_new_tokens)
+        self.format = RouterFormat.from_meta(meta)  # the turn format and prompt cut the checkpoint was trained with
+        engine = engine or HFEngine(self.model, tokenizer, self.tiers, max_new_tokens, format=self.format)
         self.rollouts = rollouts or LocalRollouts(RolloutWorker(engine, make_env, prompt_mode), cfg.rollout_shards)
         self.rank, self.world_size = distributed_rank()
         self.on_iteration: Callable[[dict, Path | None], None] | None = None  # called after each iteration

@@ -16,7 +16,9 @@ Two prompt modes (recipe ``router.prompt_mode``):
   is still the unit of reward.
 
 Engines (``rlrouter.router.generation``) share one interface,
-``generate(prompts, allowed, sample, temperature, logprobs, constrain)``.
+``generate(prompts, allowed, sample, temperature, logprobs, constrain)``, and carry the
+router's ``format`` (``RouterFormat``: turn format, prompt cut), which builds the system
+message and the prompts and parses the turns here.
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ from tqdm.auto import tqdm
 
 from envs.budget import Budget
 from envs.routing import RoutingEnv, nearest_allowed
-from rlrouter.router.prompt import (batch_prompt_token_ids, feedback_user_message, first_user_message, parse_route,
-                                    prompt_token_ids, step_user_message, system_message)
+from rlrouter.router.prompt import RouterFormat, feedback_user_message, first_user_message, step_user_message
 
 
 @dataclass
@@ -43,6 +44,7 @@ class RouterTurn:
     well_formed: bool
     allowed: list[str]
     constrained: bool = True
+    turn_format: str = "think_route"  # the format the constraint enforced (``RouterFormat.turn_format``)
 
 
 @dataclass(frozen=True)
@@ -109,18 +111,19 @@ def play_episodes(engine, make_env: Callable[[], RoutingEnv], specs: list[Episod
         raise ValueError(f"prompt_mode must be 'step' or 'episode', got {prompt_mode!r}")
     tok = engine.tokenizer
     tiers = engine.tiers
+    fmt: RouterFormat = engine.format
     envs = [make_env() for _ in specs]
     rollouts = [Rollout(spec) for spec in specs]
     infos, contexts, live = [], [], list(range(len(specs)))
     for env, spec in zip(envs, specs):
         infos.append(env.reset(seed=spec.seed, options={"task_id": spec.task_id, "budget": spec.budget})[1])
-        system = {"role": "system", "content": system_message(env.pool.describe())}
-        contexts.append(prompt_token_ids(tok, [system, {"role": "user", "content": first_user_message(env.view())}])
+        system = {"role": "system", "content": fmt.system(env.pool.describe())}
+        contexts.append(fmt.prompt_ids(tok, [[system, {"role": "user", "content": first_user_message(env.view())}]])[0]
                         if prompt_mode == "episode" else system)
     bar = tqdm(total=len(specs), desc=desc, disable=not progress, leave=False)
     while live:
         if prompt_mode == "step":
-            prompts = batch_prompt_token_ids(tok, [[contexts[i], {"role": "user", "content": step_user_message(
+            prompts = fmt.prompt_ids(tok, [[contexts[i], {"role": "user", "content": step_user_message(
                 envs[i].view())}] for i in live])
         else:
             prompts = [contexts[i] for i in live]
@@ -131,10 +134,10 @@ def play_episodes(engine, make_env: Callable[[], RoutingEnv], specs: list[Episod
         generated = time.perf_counter()
         still, env_s = [], 0.0
         for i, prompt, gen, row_allowed in zip(live, prompts, generations, allowed):
-            route, well_formed = parse_route(tok.decode(gen.ids, skip_special_tokens=True), tiers, row_allowed[0])
+            route, well_formed = fmt.parse(tok.decode(gen.ids, skip_special_tokens=True), tiers, row_allowed[0])
             tier = route.tier
             rollouts[i].turns.append(RouterTurn(prompt, gen.ids, gen.logprobs, tier, well_formed, row_allowed,
-                                                constrain))
+                                                constrain, fmt.turn_format))
             mask = infos[i]["action_mask"]
             action = tiers.index(tier)
             if mask.any() and not mask[action]:  # only possible with constrain=False

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor
 
-from rlrouter.router.prompt import ROUTE_CLOSE, ROUTE_OPEN, THINK_CLOSE, THINK_OPEN, route_regex
+from rlrouter.router.prompt import ROUTE_CLOSE, ROUTE_OPEN, THINK_CLOSE, THINK_OPEN, RouterFormat
 
 
 class RouteConstraint(LogitsProcessor):
@@ -42,7 +42,8 @@ class RouteConstraint(LogitsProcessor):
 
     A forbidden tier therefore cannot be generated, and only running out of
     ``max_new_tokens`` inside the think text can leave a turn malformed. vLLM applies the
-    same rule as a structured-output regex (``route_regex``).
+    same rule as a structured-output regex (``route_regex``). With ``turn_format="route"``
+    the turn opens with ``<route>`` directly.
 
     ``route_bias`` (log-odds) is added to the first token of the priciest allowed tier right
     after ``<route>``: with two single-token tiers, greedy decoding then routes large iff
@@ -50,7 +51,9 @@ class RouteConstraint(LogitsProcessor):
     classic routers (0 = plain greedy).
     """
 
-    def __init__(self, tokenizer, allowed: list[list[str]], prompt_length: int, route_bias: float = 0.0):
+    def __init__(self, tokenizer, allowed: list[list[str]], prompt_length: int, route_bias: float = 0.0,
+                 turn_format: str = "think_route"):
+        self.route_only = turn_format == "route"
         self.open_id = tokenizer.convert_tokens_to_ids(ROUTE_OPEN)
         self.close_id = tokenizer.convert_tokens_to_ids(ROUTE_CLOSE)
         self.think_open_id = tokenizer.convert_tokens_to_ids(THINK_OPEN)
@@ -67,7 +70,7 @@ class RouteConstraint(LogitsProcessor):
         """Token ids allowed next for ``row``; None = think text (anything but
         ``think_banned``: the end of turn and tokens containing ``<`` other than ``</think>``)."""
         if not generated:
-            return [self.think_open_id]
+            return [self.open_id if self.route_only else self.think_open_id]
         if self.open_id not in generated:
             return [self.open_id] if generated[-1] == self.think_close_id else None
         start = len(generated) - 1 - generated[::-1].index(self.open_id)
@@ -135,7 +138,7 @@ def constraint_masks(tokenizer, turn) -> list[list[int] | None]:
     for an unconstrained turn means no mask). Recomputed from the ids, so it needs nothing from the engine."""
     if not turn.constrained:
         return [[] for _ in turn.completion_ids]
-    rule = RouteConstraint(tokenizer, [turn.allowed], prompt_length=0)
+    rule = RouteConstraint(tokenizer, [turn.allowed], prompt_length=0, turn_format=turn.turn_format)
     ids = turn.completion_ids
     return [rule.allowed_next(0, ids[:t]) for t in range(len(ids))]
 
@@ -147,11 +150,15 @@ class Generation:
 
 
 class HFEngine:
-    """transformers ``generate`` over left-padded token ids, routes constrained per row."""
+    """transformers ``generate`` over left-padded token ids, routes constrained per row.
+    ``format`` is the router's ``RouterFormat`` (its turn format and prompt cut); every engine
+    carries one, and ``play_episodes`` builds and reads turns with it."""
 
     name = "hf"
 
-    def __init__(self, model, tokenizer, tiers: list[str], max_new_tokens: int = 32, route_bias: float = 0.0):
+    def __init__(self, model, tokenizer, tiers: list[str], max_new_tokens: int = 32, route_bias: float = 0.0,
+                 format: RouterFormat | None = None):
+        self.format = format or RouterFormat()
         self.model = model
         self.tokenizer = tokenizer
         self.tiers = list(tiers)
@@ -172,7 +179,7 @@ class HFEngine:
             attention[row, width - len(ids):] = 1
         processors = LogitsProcessorList()
         if constrain:
-            processors.append(RouteConstraint(tok, allowed, width, self.route_bias))
+            processors.append(RouteConstraint(tok, allowed, width, self.route_bias, self.format.turn_format))
         was_training = self.model.training
         self.model.eval()
         out = self.model.generate(
@@ -237,7 +244,8 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_dir: str, tokenizer, tiers: list[str], max_new_tokens: int = 32, seed: int = 0,
-                 gpu_memory_utilization: float = 0.5, max_model_len: int = 2048):
+                 gpu_memory_utilization: float = 0.5, max_model_len: int = 2048, format: RouterFormat | None = None):
+        self.format = format or RouterFormat()
         vllm_environment(in_process=True)
         from vllm import LLM
 
@@ -261,7 +269,7 @@ class VLLMEngine:
                  temperature: float = 1.0, logprobs: bool = False, constrain: bool = True) -> list[Generation]:
         from vllm.inputs import TokensPrompt
 
-        params = [sampling_params(route_regex(row_allowed) if constrain else None, self.max_new_tokens,
+        params = [sampling_params(self.format.regex(row_allowed) if constrain else None, self.max_new_tokens,
                                   temperature if sample else 0.0, logprobs=logprobs, skip_special_tokens=False)
                   for row_allowed in allowed]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)

@@ -135,3 +135,62 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def as_router(model, tokenizer):
+    """A pretrained chat model made ready to route: the format tags (``FORMAT_TAGS``) become
+    single tokens, their new embedding rows start at the mean embedding of the pieces their
+    text had before (so ``<route>`` starts near what the model read as "<route>"), and the
+    chat template becomes the router's ChatML template with ``{% generation %}`` marks (SFT
+    trains the assistant turns only). The base must speak ChatML (``<|im_start|>`` /
+    ``<|im_end|>``, as SmolLM2 and Qwen2.5 do). Returns (model, tokenizer), changed in place."""
+    import torch
+
+    missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
+    if missing:
+        raise ValueError(f"router.base: its tokenizer has no {' / '.join(missing)}; the router's chat format is "
+                         "ChatML (bases such as SmolLM2 or Qwen2.5 have it)")
+    new = [t for t in FORMAT_TAGS if t not in tokenizer.get_vocab()]
+    pieces = {t: tokenizer(t, add_special_tokens=False)["input_ids"] for t in new}
+    if new:
+        tokenizer.add_tokens(new)  # atomic tags, not "special": decoding keeps them
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        embeddings = model.get_input_embeddings().weight
+        with torch.no_grad():
+            for tag in new:
+                embeddings[tokenizer.convert_tokens_to_ids(tag)] = embeddings[pieces[tag]].mean(dim=0)
+            output = model.get_output_embeddings()
+            if output is not None and output.weight.data_ptr() != embeddings.data_ptr():
+                for tag in new:
+                    output.weight[tokenizer.convert_tokens_to_ids(tag)] = output.weight[pieces[tag]].mean(dim=0)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.eos_token = "<|im_end|>"
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def freeze_below(model, train_layers: int | None) -> int:
+    """Train only the top ``train_layers`` transformer layers (with the final norm, and the LM
+    head when it is not tied to the input embeddings); every weight below is frozen. With
+    the embeddings frozen nothing below the first trainable layer needs a gradient, so
+    autograd records nothing there: the frozen layers run as without grad. ``None``: all
+    weights train. Returns the number of trainable parameters."""
+    if train_layers is None:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    layers = model.get_decoder().layers
+    if not 1 <= train_layers <= len(layers):
+        raise ValueError(f"router.train_layers = {train_layers}, but the router has {len(layers)} layers")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = [*layers[len(layers) - train_layers:], model.get_decoder().norm]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        trainable.append(output)
+    for module in trainable:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

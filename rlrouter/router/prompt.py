@@ -1,4 +1,6 @@
-"""The router prompt format (one place, versioned) and its two parsers.
+"""The router prompt format (one place, versioned), its two parsers, and ``RouterFormat``
+(the turn format and the prompt-length rule a router is trained with, carried by its
+checkpoint so training, evaluation and serving use one rule).
 
 A routing episode is one multi-turn conversation:
 
@@ -8,6 +10,10 @@ A routing episode is one multi-turn conversation:
     user       <information>EVENT: OBSERVATION</information> + spend, budget left, next step
     assistant  <think>…</think><route>TIER</route>
     ...
+
+Two turn formats (``router.turn_format``): ``think_route`` (above; the default) and
+``route`` (``<route>TIER</route>`` alone: one short decision per step, for pretrained bases
+on CPU and for fast RL).
 
 Router-R1-style outputs are understood too: ``<route tier="large">sub-query</route>`` and a
 final ``<answer>…</answer>``.
@@ -62,16 +68,24 @@ class ParsedRoute:
         return self.error is None
 
 
-def parse_strict(text: str, tiers: list[str]) -> ParsedRoute:
-    """Exactly ``<think>…</think><route>TIER</route>`` (or the Router-R1 form); else raise."""
-    match = _STRICT.fullmatch(text)
+_STRICT_ROUTE_ONLY = re.compile(r"\s*<route>(?P<tier>[^<\s]+)</route>\s*", re.S)
+TURN_FORMATS = ("think_route", "route")
+
+
+def parse_strict(text: str, tiers: list[str], turn_format: str = "think_route") -> ParsedRoute:
+    """Exactly ``<think>…</think><route>TIER</route>`` (or the Router-R1 form), or with
+    ``turn_format="route"`` exactly ``<route>TIER</route>``; else raise."""
+    match = (_STRICT_ROUTE_ONLY if turn_format == "route" else _STRICT).fullmatch(text)
     if not match:
         n_routes = len(re.findall(r"<route\b", text))
         detail = "two or more routes" if n_routes > 1 else ("no route" if n_routes == 0 else "malformed tags")
-        raise RouteFormatError(f"not <think>…</think><route>TIER</route> ({detail}): {text[:120]!r}")
-    tier = match.group("tier") or match.group("tier2")
+        shape = "<route>TIER</route>" if turn_format == "route" else "<think>…</think><route>TIER</route>"
+        raise RouteFormatError(f"not {shape} ({detail}): {text[:120]!r}")
+    tier = match.group("tier") or match.groupdict().get("tier2")
     if tier not in tiers:
         raise RouteFormatError(f"unknown tier {tier!r}; the pool has {tiers}")
+    if turn_format == "route":
+        return ParsedRoute(tier)
     return ParsedRoute(tier, match.group("think").strip(), match.group("query"))
 
 
@@ -93,21 +107,24 @@ def parse_tolerant(text: str, tiers: list[str], fallback: str) -> ParsedRoute:
     return ParsedRoute(tier, think, query)
 
 
-def parse_route(text: str, tiers: list[str], fallback: str) -> tuple[ParsedRoute, bool]:
+def parse_route(text: str, tiers: list[str], fallback: str,
+                turn_format: str = "think_route") -> tuple[ParsedRoute, bool]:
     """(route, well_formed): the strict parse when the text is in the trained format, else
     the tolerant one with ``fallback``. Rollouts, evaluation and the server all read a
     router turn this way; ``well_formed`` is what the RL format penalty counts."""
     try:
-        return parse_strict(text, tiers), True
+        return parse_strict(text, tiers, turn_format), True
     except RouteFormatError:
         return parse_tolerant(text, tiers, fallback=fallback), False
 
 
-def route_regex(allowed: list[str]) -> str:
+def route_regex(allowed: list[str], turn_format: str = "think_route") -> str:
     """The strict format over the allowed tiers, as a regex for vLLM's structured outputs."""
     tiers = "|".join(re.escape(t) for t in allowed)
-    return (f"{re.escape(THINK_OPEN)}[^<]*{re.escape(THINK_CLOSE)}"
-            f"{re.escape(ROUTE_OPEN)}({tiers}){re.escape(ROUTE_CLOSE)}")
+    route = f"{re.escape(ROUTE_OPEN)}({tiers}){re.escape(ROUTE_CLOSE)}"
+    if turn_format == "route":
+        return route
+    return f"{re.escape(THINK_OPEN)}[^<]*{re.escape(THINK_CLOSE)}" + route
 
 
 def prompt_token_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -125,20 +142,26 @@ def batch_prompt_token_ids(tokenizer, conversations: list[list[dict]]) -> list[l
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def format_route(tier: str, think: str) -> str:
+def format_route(tier: str, think: str, turn_format: str = "think_route") -> str:
     """The assistant turn the router is trained to write."""
+    if turn_format == "route":
+        return f"{ROUTE_OPEN}{tier}{ROUTE_CLOSE}"
     return f"{THINK_OPEN}{think}{THINK_CLOSE}{ROUTE_OPEN}{tier}{ROUTE_CLOSE}"
 
 
 # -- building the conversation from RoutingEnv.view() ------------------------------------
-def system_message(pool_descriptors: list[dict]) -> str:
+REPLY_LINES = {"think_route": "Reply <think>short reasoning</think><route>TIER</route>.",
+               "route": "Reply <route>TIER</route>."}
+
+
+def system_message(pool_descriptors: list[dict], turn_format: str = "think_route") -> str:
     lines = ["You route each step of an agent to one model of the pool, within the task's budget.", "Pool:"]
     for tier in pool_descriptors:
         lines.append(
             f"- {tier['name']}: ${tier['usd_per_1m_input']:.2f}/${tier['usd_per_1m_output']:.2f} per 1M tokens. "
             f"{tier.get('descriptor', '')}".rstrip()
         )
-    lines.append("Reply <think>short reasoning</think><route>TIER</route>.")
+    lines.append(REPLY_LINES[turn_format])
     return "\n".join(lines)
 
 
@@ -197,6 +220,111 @@ def think_text(view: dict) -> str:
     if view["budget"].get("usd") is not None:
         caps.append(f"${view['usd_left']:.3f}")
     return f"{last}; {', '.join(caps) or 'no cap'}"
+
+
+# -- the rule a router is trained with, carried by its checkpoint -------------------------
+CUT_MARKER = "\n[… {n} tokens cut …]\n"
+
+
+def cut_middle(tokenizer, text: str, drop: int, head_share: float = 0.5) -> str:
+    """``text`` without ``drop`` of its tokens (at least) from the middle: its head and its
+    tail stay, joined by ``CUT_MARKER`` (few-shot prompts put the actual question last; the
+    step prompt's head holds the task, budget and history)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = max(len(ids) - drop, 0)
+    head = int(round(keep * head_share))
+    tail = keep - head
+    return (tokenizer.decode(ids[:head]) + CUT_MARKER.format(n=len(ids) - keep)
+            + (tokenizer.decode(ids[len(ids) - tail:]) if tail else ""))
+
+
+@dataclass(frozen=True)
+class RouterFormat:
+    """How a router's turns look and how long its prompts may be (recipe ``router.turn_format``,
+    ``router.max_prompt_tokens``, ``router.cut_head_share``); written into every checkpoint's
+    ``rlrouter.json`` (``router.format``) and read back by evaluation, RL and serving, so
+    one rule holds everywhere.
+
+    ``max_prompt_tokens``: a prompt longer than this (chat template included) keeps the head
+    and the tail of its last user message (``cut_middle``), cut until it fits. ``None``: no
+    cut (the router's context length is the only limit).
+    """
+
+    turn_format: str = "think_route"
+    max_prompt_tokens: int | None = None
+    cut_head_share: float = 0.5
+
+    def __post_init__(self):
+        if self.turn_format not in TURN_FORMATS:
+            raise ValueError(f"router.turn_format must be one of {TURN_FORMATS}, got {self.turn_format!r}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 32:
+            raise ValueError(f"router.max_prompt_tokens must be >= 32 (or null for no cut), got {self.max_prompt_tokens}")
+        if not 0.0 <= self.cut_head_share <= 1.0:
+            raise ValueError(f"router.cut_head_share must be in [0, 1], got {self.cut_head_share}")
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "RouterFormat":
+        """The format of a checkpoint (``rlrouter.json``); older checkpoints: the defaults."""
+        return cls(**meta.get("router", {}).get("format", {}))
+
+    def to_dict(self) -> dict:
+        return {"turn_format": self.turn_format, "max_prompt_tokens": self.max_prompt_tokens,
+                "cut_head_share": self.cut_head_share}
+
+    def system(self, pool_descriptors: list[dict]) -> str:
+        return system_message(pool_descriptors, self.turn_format)
+
+    def route(self, tier: str, think: str) -> str:
+        return format_route(tier, think, self.turn_format)
+
+    def parse(self, text: str, tiers: list[str], fallback: str) -> tuple[ParsedRoute, bool]:
+        return parse_route(text, tiers, fallback, self.turn_format)
+
+    def regex(self, allowed: list[str]) -> str:
+        return route_regex(allowed, self.turn_format)
+
+    def fit(self, tokenizer, messages: list[dict]) -> list[dict]:
+        """``messages`` whose rendered prompt (generation prompt included) has at most
+        ``max_prompt_tokens`` tokens: the last user message is cut in the middle. Raises
+        ``ValueError`` when the rest of the prompt alone does not fit."""
+        if self.max_prompt_tokens is None:
+            return messages
+        last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        for _ in range(8):  # decode/encode at the cut can merge tokens differently: re-check
+            over = len(prompt_token_ids(tokenizer, messages)) - self.max_prompt_tokens
+            if over <= 0:
+                return messages
+            content = messages[last]["content"]
+            marker = len(tokenizer(CUT_MARKER.format(n=0), add_special_tokens=False)["input_ids"])
+            if len(tokenizer(content, add_special_tokens=False)["input_ids"]) <= over + marker + 8:
+                break
+            messages = [*messages[:last], {**messages[last], "content": cut_middle(
+                tokenizer, content, over + marker + 2, self.cut_head_share)}, *messages[last + 1:]]
+        raise ValueError(f"router.max_prompt_tokens = {self.max_prompt_tokens} is too small: the prompt around the "
+                         "step text does not fit; raise it")
+
+    def as_training_example(self, tokenizer, messages: list[dict]) -> list[dict]:
+        """A synthesized conversation (think/route turns) in this format: the system line and
+        the route turns rewritten; a step example ([system, user, assistant]) cut to fit."""
+        out = []
+        for m in messages:
+            if m["role"] == "system":
+                m = {**m, "content": m["content"].replace(REPLY_LINES["think_route"], REPLY_LINES[self.turn_format])}
+            elif m["role"] == "assistant" and self.turn_format == "route":
+                m = {**m, "content": format_route(_route_tier(m["content"]), "", "route")}
+            out.append(m)
+        if self.max_prompt_tokens is None:
+            return out
+        return [*self.fit(tokenizer, out[:-1]), out[-1]]
+
+    def prompt_ids(self, tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
+        """``batch_prompt_token_ids`` after ``fit``: the prompts every engine is given."""
+        return batch_prompt_token_ids(tokenizer, [self.fit(tokenizer, m) for m in conversations])
+
+
+def _route_tier(text: str) -> str:
+    match = _TOLERANT.search(text)
+    return (match.group("tier2") or match.group("body")).strip() if match else ""
 
 
 # -- chat mode (``rlrouter serve``'s think / route / answer loop, Router-R1 style) ---------

@@ -57,9 +57,12 @@ def service_factory(checkpoint, config, descriptors, engine_kwargs, history_wind
         from rlrouter.serve.pool_client import PoolClient
         from rlrouter.serve.service import RouterService
 
+        from rlrouter.router.checkpoint import read_meta
+        from rlrouter.router.prompt import RouterFormat
+
         engine = AsyncRouterEngine(checkpoint, **engine_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         return RouterService(engine, tokenizer, config, PoolClient(config, metrics), metrics, descriptors,
-                             history_window)
+                             history_window, RouterFormat.from_meta(read_meta(checkpoint)))
 
     return build

@@ -23,9 +23,9 @@ from typing import Any
 
 from envs.budget import Budget
 from envs.pool import Pool, Tier
-from rlrouter.router.prompt import (HISTORY_WINDOW, INFO_CLOSE, INFO_OPEN, QUERY_CHARS, chat_system_message,
-                                    chat_turn_regex, parse_chat_turn, parse_route, prompt_token_ids, route_regex,
-                                    step_user_message, system_message)
+from rlrouter.router.prompt import (HISTORY_WINDOW, INFO_CLOSE, INFO_OPEN, QUERY_CHARS, RouterFormat,
+                                    chat_system_message, chat_turn_regex, parse_chat_turn, prompt_token_ids,
+                                    step_user_message)
 from rlrouter.serve.config import ServeConfig
 from rlrouter.serve.pool_client import PoolCallError, PoolClient, PoolReply
 
@@ -146,8 +146,9 @@ class RouterService:
     """Owns the router engine, its tokenizer and the pool client."""
 
     def __init__(self, engine, tokenizer, config: ServeConfig, pool_client: PoolClient, metrics, descriptors=None,
-                 history_window: int = HISTORY_WINDOW):
+                 history_window: int = HISTORY_WINDOW, fmt: RouterFormat | None = None):
         self.engine = engine
+        self.format = fmt or RouterFormat()  # the checkpoint's turn format and prompt cut
         self.history_window = history_window  # the step prompt's window the router was trained with
         self.tokenizer = tokenizer
         self.config = config
@@ -155,7 +156,7 @@ class RouterService:
         self.pool_client = pool_client
         self.metrics = metrics
         self.descriptors = descriptors or config.pool.describe()
-        self.step_system = {"role": "system", "content": system_message(self.descriptors)}
+        self.step_system = {"role": "system", "content": self.format.system(self.descriptors)}
         self.chat_system = {"role": "system", "content": chat_system_message(self.descriptors)}
 
     # ---- step mode ----
@@ -170,7 +171,8 @@ class RouterService:
     def step_prompt(self, request: dict, budget: Budget, spend: Spend) -> list[int]:
         """Token ids of the trained step prompt for the state the request describes."""
         view = step_view(request, spend, budget, self.history_window)
-        return prompt_token_ids(self.tokenizer, [self.step_system, {"role": "user", "content": step_user_message(view)}])
+        return self.format.prompt_ids(self.tokenizer, [[self.step_system,
+                                                        {"role": "user", "content": step_user_message(view)}]])[0]
 
     async def route(self, request: dict, budget: Budget, spend: Spend) -> dict:
         """The tier for the next step of an episode (no model is called)."""
@@ -183,9 +185,9 @@ class RouterService:
             raise RequestTooLong(f"the step prompt is {len(ids)} router tokens; with router_max_tokens "
                                  f"{self.config.router_max_tokens} it does not fit the router's context of "
                                  f"{self.engine.max_model_len} (shorten task, next_step or the history's observations)")
-        out = await self.engine.generate(ids, route_regex(allowed), self.config.router_max_tokens,
+        out = await self.engine.generate(ids, self.format.regex(allowed), self.config.router_max_tokens,
                                          float(request.get("temperature", 0.0)))
-        parsed, well_formed = parse_route(out.text, allowed, fallback=allowed[0])
+        parsed, well_formed = self.format.parse(out.text, allowed, fallback=allowed[0])
         malformed = not well_formed
         if malformed:
             self.metrics.malformed.inc()

@@ -1,0 +1,193 @@
+"""Router formats (``RouterFormat``: the route-only turn, the prompt cut), synthesis over
+more than two tiers, and the layer freeze, on the tiny router's parts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from envs import Budget, make_routing_env
+from rlrouter.boundary.synthesis import cheapest_successful, draw_tier, strata, tier_shares
+from rlrouter.config import RecipeError, recipe_from_dict
+from rlrouter.router.prompt import (CUT_MARKER, REPLY_LINES, RouteFormatError, RouterFormat, cut_middle,
+                                    parse_strict, prompt_token_ids)
+
+WORDS = [f"w{i}" for i in range(400)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from rlrouter.router.model import train_tokenizer
+
+    texts = [" ".join(WORDS[i:i + 40]) for i in range(0, 400, 10)] * 3
+    texts += ["<think>ok</think><route>small</route> <route>large</route> Pool: Reply Task: Step 1/3"] * 5
+    return train_tokenizer(texts, vocab_size=600)
+
+
+def test_route_only_turns_parse_strictly_and_match_the_regex():
+    import re
+
+    fmt = RouterFormat("route")
+    assert fmt.route("large", "ignored") == "<route>large</route>"
+    assert fmt.parse("<route>large</route>", ["small", "large"], "small") == (parse_strict(
+        "<route>large</route>", ["small", "large"], "route"), True)
+    route, ok = fmt.parse("<think>x</think><route>large</route>", ["small", "large"], "small")
+    assert not ok and route.tier == "large"  # the think_route shape is a format error here, read tolerantly
+    with pytest.raises(RouteFormatError, match="<route>TIER</route>"):
+        parse_strict("<think>x</think><route>large</route>", ["small", "large"], "route")
+    assert re.fullmatch(fmt.regex(["small", "medium"]), "<route>medium</route>")
+    assert not re.fullmatch(fmt.regex(["small"]), "<route>large</route>")
+    assert fmt.system([{"name": "small", "usd_per_1m_input": 1, "usd_per_1m_output": 2}]).endswith(REPLY_LINES["route"])
+
+
+def test_route_only_constraint_opens_with_the_route_tag():
+    from rlrouter.router.generation import RouteConstraint
+
+    vocab = ["<|im_end|>", "<think>", "</think>", "<route>", "</route>", "small", "medium", "large"]
+
+    class Tok:
+        eos_token_id = 0
+
+        def __len__(self):
+            return len(vocab)
+
+        def convert_tokens_to_ids(self, t):
+            return vocab.index(t)
+
+        def decode(self, ids):
+            return "".join(vocab[i] for i in ids)
+
+        def encode(self, text, add_special_tokens=False):
+            return [vocab.index(text)]
+
+    proc = RouteConstraint(Tok(), [["small", "medium"]], prompt_length=1, turn_format="route")
+    assert proc.allowed_next(0, []) == [3]
+    assert sorted(proc.allowed_next(0, [3])) == [5, 6]  # large is not allowed on this row
+    assert proc.allowed_next(0, [3, 6]) == [4]
+    assert proc.allowed_next(0, [3, 6, 4]) == [0]
+
+
+def test_cut_middle_keeps_the_head_and_the_tail_with_a_marker(tokenizer):
+    text = " ".join(WORDS[:100])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cut = cut_middle(tokenizer, text, drop=60, head_share=0.25)
+    keep = len(ids) - 60
+    head, tail = tokenizer.decode(ids[:round(keep * 0.25)]), tokenizer.decode(ids[len(ids) - (keep - round(keep * 0.25)):])
+    assert cut == head + CUT_MARKER.format(n=60) + tail
+    assert cut.startswith("w0 w1") and cut.endswith("w98 w99") and " w30 " not in cut
+
+
+def test_fit_cuts_the_last_user_message_to_the_limit_and_refuses_a_limit_too_small(tokenizer):
+    system = {"role": "system", "content": "Pool: small, large. " + REPLY_LINES["route"]}
+    user = {"role": "user", "content": "Task: " + " ".join(WORDS[:300])}
+    whole = len(prompt_token_ids(tokenizer, [system, user]))
+    fmt = RouterFormat("route", max_prompt_tokens=120, cut_head_share=0.5)
+    fitted = fmt.fit(tokenizer, [system, user])
+    assert whole > 120 and len(prompt_token_ids(tokenizer, fitted)) <= 120
+    assert fitted[0] == system and fitted[1]["content"].startswith("Task: w0") and "tokens cut" in fitted[1]["content"]
+    assert fitted[1]["content"].endswith("w299")
+    assert fmt.prompt_ids(tokenizer, [[system, user]]) == [prompt_token_ids(tokenizer, fitted)]
+    assert RouterFormat("route").fit(tokenizer, [system, user]) == [system, user]  # no limit: unchanged
+    long_system = {"role": "system", "content": " ".join(WORDS[:200])}
+    with pytest.raises(ValueError, match="max_prompt_tokens = 40 is too small"):
+        RouterFormat("route", max_prompt_tokens=40).fit(tokenizer, [long_system, user])
+
+
+def test_a_synthesized_conversation_becomes_a_route_only_training_example(tokenizer):
+    example = [{"role": "system", "content": "Pool: x. " + REPLY_LINES["think_route"]},
+               {"role": "user", "content": "Task: " + " ".join(WORDS[:300])},
+               {"role": "assistant", "content": "<think>ok; large 2</think><route>large</route>"}]
+    out = RouterFormat("route", max_prompt_tokens=100).as_training_example(tokenizer, example)
+    assert out[0]["content"] == "Pool: x. " + REPLY_LINES["route"]
+    assert out[2] == {"role": "assistant", "content": "<route>large</route>"}
+    assert len(prompt_token_ids(tokenizer, out[:2])) <= 100
+    assert RouterFormat().as_training_example(tokenizer, example) == example
+
+
+def test_router_format_round_trips_through_checkpoint_meta_and_rejects_bad_values():
+    fmt = RouterFormat("route", 512, 0.3)
+    assert RouterFormat.from_meta({"router": {"format": fmt.to_dict()}}) == fmt
+    assert RouterFormat.from_meta({"router": {}}) == RouterFormat()  # checkpoints from before formats
+    with pytest.raises(ValueError, match="turn_format"):
+        RouterFormat("answer")
+    with pytest.raises(ValueError, match=">= 32"):
+        RouterFormat(max_prompt_tokens=8)
+
+
+@pytest.mark.parametrize("router, message", [
+    ({"turn_format": "json"}, "router.turn_format must be one of"),
+    ({"max_prompt_tokens": 256, "prompt_mode": "episode"}, "set router.prompt_mode: step"),
+    ({"train_layers": 0}, "router.train_layers must be an integer >= 1"),
+    ({"cut_head_share": 1.5}, "cut_head_share must be in"),
+])
+def test_recipe_errors_name_the_router_field(router, message):
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict({"name": "x", "router": router})
+
+
+def test_train_layers_and_lora_exclude_each_other():
+    with pytest.raises(RecipeError, match="exclude each other"):
+        recipe_from_dict({"name": "x", "router": {"train_layers": 2}, "sft": {"lora": True}})
+
+
+def test_strata_are_the_simplex_grid_cheapest_first():
+    two = strata(2, 4)
+    assert [list(s) for s in two] == [[1, 0], [0.75, 0.25], [0.5, 0.5], [0.25, 0.75], [0, 1]]  # BoPO's k/N
+    three = strata(3, 2)
+    # (N + n - 1 choose n - 1) = 6 points; shares sum to one; the all-cheapest first
+    assert len(three) == 6 and all(s.sum() == pytest.approx(1) for s in three)
+    assert [list(s) for s in three] == [[1, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 1, 0], [0, 0.5, 0.5], [0, 0, 1]]
+
+
+def test_draw_tier_gives_the_priciest_tier_the_first_interval():
+    shares = np.array([0.5, 0.3, 0.2])
+    assert [draw_tier(u, shares) for u in (0.0, 0.19, 0.2, 0.49, 0.5, 0.99)] == [2, 2, 1, 1, 0, 0]
+    assert draw_tier(0.3, np.array([0.75, 0.25])) == 0 and draw_tier(0.2, np.array([0.75, 0.25])) == 1
+
+
+def three_tier_env(tmp_path, best_tier):
+    """A replay table where query i is answered by tier ``best_tier[i]`` and every pricier one."""
+    path = tmp_path / "t3.jsonl"
+    rows = [{"prompt": f"q{i}", "a": best_tier[i % len(best_tier)] <= 0, "b": best_tier[i % len(best_tier)] <= 1,
+             "c": True, "a_cost": 0.001, "b_cost": 0.004, "c_cost": 0.02} for i in range(30)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pool = [{"name": n, "usd_per_1m_input": p, "usd_per_1m_output": p, "executor": {"model": m}}
+            for n, p, m in (("small", 1, "a"), ("medium", 4, "b"), ("large", 20, "c"))]
+    return make_routing_env("replay", pool=pool, world={"source": "table", "table": str(path), "episode_length": 3,
+                                                        "success_fraction": 1.0})
+
+
+def test_three_tier_search_uses_the_middle_tier_where_it_suffices(tmp_path):
+    env = three_tier_env(tmp_path, [1, 0, 2, 1, 0])
+    for task in ("train-0", "train-1", "train-2"):
+        best = cheapest_successful(env, task, Budget(), seed=3, n_strata=3, samples=6)
+        # independent reference: each query needs its cheapest correct tier
+        rows = env.world.rows_of(task)
+        needed = [0 if env.world.table.correct["a"][r] else 1 if env.world.table.correct["b"][r] else 2 for r in rows]
+        assert best.success and best.actions == needed, task
+        assert best.cost_usd == pytest.approx(sum((0.001, 0.004, 0.02)[t] for t in needed))
+    assert tier_shares([{"tier_calls": [1, 2, 0]}, {"tier_calls": [0, 0, 1]}], ["small", "medium", "large"]) == {
+        "small": 0.25, "medium": 0.5, "large": 0.25}
+
+
+def test_freeze_below_trains_only_the_top_layers(tokenizer):
+    from rlrouter.router.model import TinyRouterConfig, build_tiny_router, freeze_below
+
+    model = build_tiny_router(tokenizer, TinyRouterConfig(vocab_size=len(tokenizer), num_hidden_layers=3), seed=0)
+    total = sum(p.numel() for p in model.parameters())
+    assert freeze_below(model, None) == total
+    trainable = freeze_below(model, 1)
+    top = model.model.layers[2]
+    assert trainable == sum(p.numel() for p in top.parameters()) + sum(p.numel() for p in model.model.norm.parameters()) \
+        + (0 if model.config.tie_word_embeddings else model.lm_head.weight.numel())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids = torch.tensor([tokenizer("w1 w2 w3 w4")["input_ids"]])
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(("model.layers.2.", "model.norm", "lm_head")) for n in changed)
+    assert any(n.startswith("model.layers.2.") for n in changed)
+    with pytest.raises(ValueError, match="router has 3 layers"):
+        freeze_below(model, 4)
