@@ -38,6 +38,11 @@ EMBEDDING_ROUTERS = ("knn", "mlp", "mf")  # rlrouter.evaluate.learned, fit on th
 POLICIES = BASELINES + EMBEDDING_ROUTERS
 
 
+def is_always_tier(policy: str, tiers: list[str]) -> bool:
+    """``always-TIER`` for a middle tier of the pool (always-small / always-large are in BASELINES)."""
+    return policy.startswith("always-") and policy[len("always-"):] in tiers
+
+
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file and field."""
 
@@ -419,8 +424,9 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
     env = _section(EnvSection, data.get("env"), f"{where}: env")
     evaluation = _section(EvalSection, data.get("eval"), f"{where}: eval")
     for policy in evaluation.policies:
-        if policy not in POLICIES:
-            raise RecipeError(f"{where}: eval.policies: unknown policy {policy!r}; choose from {list(POLICIES)}")
+        if policy not in POLICIES and not is_always_tier(policy, pool.names):
+            raise RecipeError(f"{where}: eval.policies: unknown policy {policy!r}; choose from {list(POLICIES)} "
+                              f"or always-TIER with TIER one of {pool.names}")
     evaluation.embedding = _section(EmbeddingSection, evaluation.embedding, f"{where}: eval.embedding")
     if not isinstance(evaluation.bootstrap, int) or evaluation.bootstrap < 1:
         raise RecipeError(f"{where}: eval.bootstrap must be an integer >= 1, got {evaluation.bootstrap!r}")

@@ -191,3 +191,18 @@ def test_freeze_below_trains_only_the_top_layers(tokenizer):
     assert any(n.startswith("model.layers.2.") for n in changed)
     with pytest.raises(ValueError, match="router has 3 layers"):
         freeze_below(model, 4)
+
+
+def test_always_tier_names_any_tier_of_a_three_tier_pool():
+    from rlrouter.evaluate.baselines import make_baselines
+
+    tiers = [{"name": n, "usd_per_1m_input": p, "usd_per_1m_output": p,
+              "executor": {"kind": "simulated", "skill": skill, "output_tokens_mean": 100}}
+             for n, p, skill in (("small", 1, 0.5), ("medium", 2, 0.7), ("large", 4, 0.9))]
+    recipe = recipe_from_dict({"name": "x", "pool": {"tiers": tiers},
+                               "eval": {"policies": ["always-small", "always-medium", "always-large"]}})
+    policies = make_baselines(recipe.eval.policies, 3, tiers=recipe.pool.names)
+    assert [(p.name, p.tier_index) for p in policies] == [("always-small", 0), ("always-medium", 1),
+                                                          ("always-large", 2)]
+    with pytest.raises(RecipeError, match="always-TIER with TIER one of"):
+        recipe_from_dict({"name": "x", "pool": {"tiers": tiers}, "eval": {"policies": ["always-xl"]}})

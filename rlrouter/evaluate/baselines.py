@@ -165,11 +165,15 @@ class HindsightOracle:
         return respect_mask(0, info)
 
 
-def make_baselines(names, n_tiers: int, random_p=(0.5,), first_large_k=(3,), oracle_max_expansions=4000) -> list:
-    """Instantiate the named baselines (random and first-large once per p / k)."""
+def make_baselines(names, n_tiers: int, random_p=(0.5,), first_large_k=(3,), oracle_max_expansions=4000,
+                   tiers: list[str] | None = None) -> list:
+    """Instantiate the named baselines (random and first-large once per p / k; always-TIER
+    for any tier of ``tiers``, the pool's names)."""
     policies = []
     for name in names:
-        if name == "always-small":
+        if tiers and name.startswith("always-") and name[len("always-"):] in tiers[1:-1]:
+            policies.append(AlwaysTier(tiers.index(name[len("always-"):]), name))
+        elif name == "always-small":
             policies.append(AlwaysTier(0, "always-small"))
         elif name == "always-large":
             policies.append(AlwaysTier(n_tiers - 1, "always-large"))

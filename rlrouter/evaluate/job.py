@@ -12,7 +12,7 @@ from pathlib import Path
 
 from envs.budget import Budget
 from rlrouter.boundary import boundary_runs, classify, taxonomy_counts
-from rlrouter.config import BASELINES, EMBEDDING_ROUTERS, POLICIES, Recipe
+from rlrouter.config import BASELINES, EMBEDDING_ROUTERS, POLICIES, Recipe, is_always_tier
 from rlrouter.evaluate.baselines import make_baselines
 from rlrouter.evaluate.curves import family_curves
 from rlrouter.evaluate.report import write_report
@@ -34,7 +34,7 @@ def eval_recipe(recipe: Recipe, budgets: list[Budget] | None = None, tasks: int 
     seed = recipe.seed if seed is None else seed
     out = Path(out_dir) if out_dir else recipe.out_dir()
     names = list(policies or cfg.policies)
-    unknown = [name for name in names if name not in POLICIES]
+    unknown = [name for name in names if name not in POLICIES and not is_always_tier(name, recipe.pool.names)]
     if unknown:
         raise ValueError(f"policies: unknown {unknown}; choose from {list(POLICIES)}")
     budgets = budgets or recipe.budgets()
@@ -52,8 +52,9 @@ def eval_recipe(recipe: Recipe, budgets: list[Budget] | None = None, tasks: int 
     start = time.perf_counter()
     stats = boundary_runs(env, task_ids, k=cfg.boundary_k, seed=seed + 1, progress=progress)
     labels = {t: classify(s.s_small, s.s_large, cfg.taxonomy_threshold) for t, s in stats.items()}
-    policy_objs = make_baselines([n for n in names if n in BASELINES], len(recipe.pool), random_p=cfg.random_p,
-                                 first_large_k=cfg.first_large_k, oracle_max_expansions=cfg.oracle_max_expansions)
+    policy_objs = make_baselines([n for n in names if n in BASELINES or is_always_tier(n, recipe.pool.names)],
+                                 len(recipe.pool), random_p=cfg.random_p, first_large_k=cfg.first_large_k,
+                                 oracle_max_expansions=cfg.oracle_max_expansions, tiers=recipe.pool.names)
     records, _ = evaluate(env, policy_objs, task_ids, budgets, seed=seed, taxonomy=labels, progress=progress)
     embedding_meta = None
     if learned:
