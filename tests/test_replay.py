@@ -3,6 +3,7 @@
 import csv
 import glob
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,8 @@ import pytest
 from envs import Budget, Pool, make_routing_env
 from envs.tokens import count_tokens
 from envs.worlds.replay import ROUTELLM_CHEAP, ROUTELLM_STRONG, ReplayConfig, ReplayWorld, load_routellm, load_table
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_mmlu_table_matches_pandas_counts(routellm_dir, mmlu_table):
@@ -146,3 +149,75 @@ def test_tier_mapped_to_a_missing_model_is_explained(mmlu_table):
 def test_missing_data_folder_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="RLROUTER_ROUTELLM_DIR"):
         load_routellm(tmp_path / "nowhere")
+
+
+@pytest.fixture(scope="module")
+def llmrouter_dir():
+    from envs.worlds.replay import default_data_dir
+
+    root = default_data_dir("llmrouter")
+    if not (root / "dcrouter_train.json").is_file():
+        pytest.skip(f"LLMRouter recordings not found at {root} (set RLROUTER_LLMROUTER_DIR)")
+    return root
+
+
+@pytest.fixture(scope="module")
+def mmlu_pro_dir():
+    from envs.worlds.replay import default_data_dir
+
+    root = default_data_dir("mmlu-pro")
+    if not list(root.glob("model_outputs_*_5shots.zip")):
+        pytest.skip(f"MMLU-Pro recordings not found at {root} (set RLROUTER_MMLU_PRO_DIR)")
+    return root
+
+
+def test_llmrouter_table_matches_the_files(llmrouter_dir):
+    from envs.worlds.replay import load_llmrouter
+
+    table = load_llmrouter(llmrouter_dir)
+    train = json.loads((llmrouter_dir / "dcrouter_train.json").read_text())
+    test = json.loads((llmrouter_dir / "dcrouter_test.json").read_text())
+    assert len(table) == len(train) + len(test) == 6108 and len(table.models) == 9
+    # a fully correct call only: commongen's fractional coverage counts when it is 1
+    for model in table.models:
+        assert int(table.correct[model][:5608].sum()) == sum(r["scores"][model] == 1 for r in train)
+    tasks = pd.read_json(llmrouter_dir / "default_query_train.jsonl", lines=True)
+    assert len(set(table.subjects)) == tasks["task_name"].nunique() == 14
+    assert table.subjects[0] == tasks.set_index("query").loc[train[0]["question"], "task_name"]
+
+
+def test_mmlu_pro_table_joins_the_five_models_on_question_id(mmlu_pro_dir):
+    import zipfile
+
+    from envs.worlds.replay import load_mmlu_pro
+
+    table = load_mmlu_pro(mmlu_pro_dir)
+    answered = {}
+    for path in sorted(mmlu_pro_dir.glob("*.zip")):
+        with zipfile.ZipFile(path) as archive:
+            answered[path.name] = pd.read_json(archive.open(archive.namelist()[0]))
+    ids = set.intersection(*(set(df["question_id"]) for df in answered.values()))
+    assert len(table) == len(ids) == 12002 and len(table.models) == 5
+    pro = answered["model_outputs_gemini-1.5-pro-002_5shots.zip"].set_index("question_id").loc[sorted(ids)]
+    assert int(table.correct["gemini-1.5-pro-002"].sum()) == int((pro["pred"] == pro["answer"]).sum())
+    assert table.responses["gemini-1.5-pro-002"][0] == pro["model_outputs"].iloc[0]
+    assert table.correct["Meta-Llama-3_1-70B-Instruct"].mean() == pytest.approx(0.628, abs=0.003)  # the README's rate
+    assert len(set(table.subjects)) == 14 and table.prompts[0].startswith(pro["question"].iloc[0] + "\nA. ")
+
+
+def test_a_three_tier_mmlu_pro_episode_prices_recorded_responses(mmlu_pro_dir):
+    from rlrouter.config import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "mmlu-pro-three-tier.yaml")
+    env = recipe.make_env("test")
+    world = env.world
+    _, info = env.reset(seed=0, options={"task_id": "test-2"})
+    total = 0.0
+    for step, row in enumerate(world.rows_of("test-2")):
+        tier = recipe.pool.tiers[step % 3]
+        model = tier.executor["model"]
+        _, _, terminated, _, info = env.step(step % 3)
+        assert info["step_ok"] == bool(world.table.correct[model][row])
+        assert info["output_tokens"] == count_tokens(world.table.responses[model][row])
+        total += tier.cost_usd(count_tokens(world.table.prompts[row]), info["output_tokens"])
+    assert terminated and info["cost_usd"] == pytest.approx(total, rel=1e-12)

@@ -32,10 +32,12 @@ and the recipe maps models to tiers: ``executor: {kind: recorded, model: <model>
 
 from __future__ import annotations
 
+import ast
 import csv
 import glob
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -75,16 +77,101 @@ class RecordTable:
         return list(self.correct)
 
 
-def default_routellm_dir() -> Path:
-    """``$RLROUTER_ROUTELLM_DIR``, else ``shared/data/routellm`` beside the checkout."""
-    if os.environ.get(ROUTELLM_DIR_ENV):
-        return Path(os.environ[ROUTELLM_DIR_ENV])
+DATA_DIR_ENVS = {"routellm": ROUTELLM_DIR_ENV, "llmrouter": "RLROUTER_LLMROUTER_DIR", "mmlu-pro": "RLROUTER_MMLU_PRO_DIR"}
+
+
+def default_data_dir(name: str) -> Path:
+    """The folder of a recorded dataset (``routellm``, ``llmrouter`` or ``mmlu-pro``): its
+    environment variable (``DATA_DIR_ENVS``), else ``shared/data/<name>`` beside the checkout."""
+    if os.environ.get(DATA_DIR_ENVS[name]):
+        return Path(os.environ[DATA_DIR_ENVS[name]])
     here = Path(__file__).resolve()
     for parent in here.parents:
-        candidate = parent.parent / "shared" / "data" / "routellm"
+        candidate = parent.parent / "shared" / "data" / name
         if candidate.is_dir():
             return candidate
-    return Path("../shared/data/routellm")
+    return Path("../shared/data") / name
+
+
+def default_routellm_dir() -> Path:
+    """``$RLROUTER_ROUTELLM_DIR``, else ``shared/data/routellm`` beside the checkout."""
+    return default_data_dir("routellm")
+
+
+def _data_root(name: str, data_dir: str | Path | None, holds: str) -> Path:
+    root = Path(data_dir) if data_dir else default_data_dir(name)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{name} data folder {root} not found; set {DATA_DIR_ENVS[name]} or world.data_dir "
+                                f"to the folder holding {holds}")
+    return root
+
+
+def load_llmrouter(data_dir: str | Path | None = None) -> RecordTable:
+    """LLMRouter's recorded 0/1 scores of 9 models on 6,108 queries of 14 tasks
+    (``dcrouter_train.json`` then ``dcrouter_test.json``; the subject of a query is its
+    ``task_name`` from ``default_query_*.jsonl``). A score is 0 or 1, except commongen's
+    coverage (a fraction in [0, 1]): a call is correct when its score is 1 (full coverage).
+    No responses or costs are recorded: a call is priced from the query's tokens and
+    ``default_output_tokens`` at the tier's prices."""
+    root = _data_root("llmrouter", data_dir, "dcrouter_train.json and dcrouter_test.json")
+    rows, task_of = [], {}
+    for split in ("train", "test"):
+        path = root / f"dcrouter_{split}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found (the LLMRouter files: dcrouter_{{train,test}}.json)")
+        rows += json.loads(path.read_text(encoding="utf-8"))
+        queries = root / f"default_query_{split}.jsonl"
+        if queries.is_file():
+            with open(queries, encoding="utf-8") as handle:
+                task_of.update((q["query"], q["task_name"]) for q in map(json.loads, handle) if q.get("query"))
+    models = list(rows[0]["scores"])
+    correct = {}
+    for model in models:
+        values = []
+        for i, row in enumerate(rows):
+            score = row["scores"].get(model)
+            if not isinstance(score, (int, float)) or not 0 <= score <= 1:
+                raise ValueError(f"{root}: query {i} has no score in [0, 1] for {model!r} (got {score!r})")
+            values.append(score >= 1)
+        correct[model] = np.array(values, dtype=bool)
+    prompts = [row["question"] for row in rows]
+    return RecordTable("llmrouter", prompts, correct, subjects=[task_of.get(p, "unknown") for p in prompts])
+
+
+def mmlu_pro_prompt(record: dict) -> str:
+    """The question with its lettered options, as the models were asked it (without the shots)."""
+    options = record["options"]
+    if isinstance(options, str):
+        options = ast.literal_eval(options)
+    letters = "ABCDEFGHIJKLMNOP"
+    return record["question"] + "\n" + "\n".join(f"{letters[i]}. {o}" for i, o in enumerate(options))
+
+
+def load_mmlu_pro(data_dir: str | Path | None = None) -> RecordTable:
+    """TIGER-AI-Lab's recorded MMLU-Pro answers of 5 models, joined on ``question_id`` (the
+    questions every model answered, in question-id order). Correct: ``pred == answer`` (no
+    extracted answer is wrong). Responses are kept, so calls are priced from their tokens.
+    Models are named by their file: ``model_outputs_<model>_5shots.zip``."""
+    root = _data_root("mmlu-pro", data_dir, "the model_outputs_*_5shots.zip files")
+    files = sorted(root.glob("model_outputs_*_5shots.zip"))
+    if not files:
+        raise FileNotFoundError(f"no model_outputs_*_5shots.zip files under {root}")
+    records = {}
+    for path in files:
+        model = path.name[len("model_outputs_"):-len("_5shots.zip")]
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith(".json")]
+            if len(names) != 1:
+                raise ValueError(f"{path}: expected one JSON file inside, found {names}")
+            records[model] = {str(r["question_id"]): r for r in json.loads(archive.read(names[0]))}
+    shared = sorted(set.intersection(*(set(r) for r in records.values())), key=int)
+    first = records[next(iter(records))]
+    prompts = [mmlu_pro_prompt(first[q]) for q in shared]
+    correct = {m: np.array([r[q]["pred"] is not None and r[q]["pred"] == r[q]["answer"] for q in shared])
+               for m, r in records.items()}
+    responses = {m: [str(r[q].get("generated_text") or r[q].get("model_outputs") or "") for q in shared]
+                 for m, r in records.items()}
+    return RecordTable("mmlu-pro", prompts, correct, responses, subjects=[first[q]["category"] for q in shared])
 
 
 def _parse_bool(value, where: str) -> bool:
@@ -98,12 +185,7 @@ def _parse_bool(value, where: str) -> bool:
 
 def load_routellm(data_dir: str | Path | None = None, dataset: str = "mmlu") -> RecordTable:
     """Load RouteLLM's recorded MMLU or GSM8K outcomes (read-only; nothing is copied)."""
-    root = Path(data_dir) if data_dir else default_routellm_dir()
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"RouteLLM data folder {root} not found; set {ROUTELLM_DIR_ENV} or world.data_dir "
-            "to the folder holding mmlu/ and gsm8k_responses.csv"
-        )
+    root = _data_root("routellm", data_dir, "mmlu/ and gsm8k_responses.csv")
     csv.field_size_limit(1 << 30)
     if dataset == "mmlu":
         files = sorted(glob.glob(str(root / "mmlu" / "mmlu_*.csv")))
@@ -173,9 +255,10 @@ class ReplayConfig:
     """Recipe ``world:`` section of a replay world.
 
     Attributes:
-        source: ``routellm-mmlu``, ``routellm-gsm8k`` or ``table``.
-        data_dir: folder of the RouteLLM files (default: ``$RLROUTER_ROUTELLM_DIR`` or
-            ``shared/data/routellm`` beside the checkout).
+        source: ``routellm-mmlu``, ``routellm-gsm8k``, ``llmrouter`` (9 models, 14 tasks),
+            ``mmlu-pro`` (5 models, with responses) or ``table``.
+        data_dir: folder of the recorded files (default: the source's environment variable,
+            ``DATA_DIR_ENVS``, or ``shared/data/<routellm|llmrouter|mmlu-pro>`` beside the checkout).
         table / prompt_column / models: the generic table (source ``table``).
         episode_length: recorded queries per episode.
         success_fraction: fraction of queries that must be correct for success.
@@ -205,8 +288,8 @@ class ReplayConfig:
     @classmethod
     def from_dict(cls, data: dict, where: str = "world") -> "ReplayConfig":
         config = config_from_dict(cls, data, where, "replay-world")
-        if config.source not in ("routellm-mmlu", "routellm-gsm8k", "table"):
-            raise ValueError(f"{where}.source {config.source!r} is unknown; use routellm-mmlu, routellm-gsm8k or table")
+        if config.source not in SOURCES:
+            raise ValueError(f"{where}.source {config.source!r} is unknown; use one of {', '.join(SOURCES)}")
         if config.source == "table" and not config.table:
             raise ValueError(f"{where}.table: give the path of the CSV / JSONL / parquet table")
         if not 0 < config.success_fraction <= 1:
@@ -218,7 +301,14 @@ class ReplayConfig:
     def load(self) -> RecordTable:
         if self.source == "table":
             return load_table(self.table, self.prompt_column, list(self.models) if self.models else None)
+        if self.source == "llmrouter":
+            return load_llmrouter(self.data_dir)
+        if self.source == "mmlu-pro":
+            return load_mmlu_pro(self.data_dir)
         return load_routellm(self.data_dir, self.source.split("-", 1)[1])
+
+
+SOURCES = ("routellm-mmlu", "routellm-gsm8k", "llmrouter", "mmlu-pro", "table")
 
 
 @dataclass
