@@ -100,16 +100,18 @@ def main() -> None:
     from rlrouter.config import load_recipe
     from rlrouter.router.generation import HFEngine, VLLMEngine
     from rlrouter.router.checkpoint import load_checkpoint
+    from rlrouter.router.prompt import RouterFormat
 
     recipe = load_recipe(args.recipe)
     checkpoint, tmp = router_checkpoint(recipe, args.checkpoint)
-    model, tok, _ = load_checkpoint(checkpoint, recipe.pool.names)
+    model, tok, meta = load_checkpoint(checkpoint, recipe.pool.names)
+    fmt = RouterFormat.from_meta(meta)  # the checkpoint's turn format and prompt cut
     rows = []
     if args.engine in ("hf", "both"):
-        rows.append(measure(HFEngine(model, tok, recipe.pool.names, recipe.router.max_new_tokens), recipe,
+        rows.append(measure(HFEngine(model, tok, recipe.pool.names, recipe.router.max_new_tokens, format=fmt), recipe,
                             args.episodes))
     if args.engine in ("vllm", "both"):
-        engine = VLLMEngine(str(checkpoint), tok, recipe.pool.names, recipe.router.max_new_tokens)
+        engine = VLLMEngine(str(checkpoint), tok, recipe.pool.names, recipe.router.max_new_tokens, format=fmt)
         rows.append(measure(engine, recipe, args.episodes))
     print("| engine | episodes | turns | generate calls | tokens | rollout (s) | of which generate (s) | "
           "pure generation (s) | ratio vs replay | ratio vs its own generate |")
@@ -118,6 +120,9 @@ def main() -> None:
         print(f"| {r['engine']} | {r['episodes']} | {r['turns']} | {r['generate_calls']} | {r['generated_tokens']} | "
               f"{r['rollout_s']} | {r['generate_s_inside_rollout']} | {r['pure_generation_s']} | {r['ratio']} | "
               f"{r['ratio_same_pass']} |")
+    if len(rows) == 2:
+        hf, vllm = (r["generated_tokens"] / r["rollout_s"] for r in rows)
+        print(f"rollout tokens/s: hf {hf:.1f}, vllm {vllm:.1f}, vllm / hf {vllm / hf:.2f}x")
     print(json.dumps(rows))
     if tmp:
         tmp.cleanup()
