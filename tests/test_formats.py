@@ -206,3 +206,44 @@ def test_always_tier_names_any_tier_of_a_three_tier_pool():
                                                           ("always-large", 2)]
     with pytest.raises(RecipeError, match="always-TIER with TIER one of"):
         recipe_from_dict({"name": "x", "pool": {"tiers": tiers}, "eval": {"policies": ["always-xl"]}})
+
+
+@pytest.mark.slow
+def test_three_tiers_with_route_only_turns_run_synth_sft_rl_and_evaluation(tmp_path):
+    """The whole pipeline on a small three-tier world with route-only turns and a prompt
+    cut: the checkpoints carry the format, every turn the router writes is exactly
+    ``<route>TIER</route>`` within the cut, and the trained policy acts in Discrete(3)."""
+    from conftest import TINY
+
+    from envs import Budget
+    from rlrouter.evaluate.router_policy import RouterPolicy
+    from rlrouter.pipeline import run_rl_stage, run_sft_stage, run_synth
+    from rlrouter.router.checkpoint import load_checkpoint, read_meta
+
+    tiers = [{"name": n, "usd_per_1m_input": p, "usd_per_1m_output": 4 * p,
+              "executor": {"kind": "simulated", "skill": skill, "output_tokens_mean": 100}}
+             for n, p, skill in (("small", 0.4, 0.55), ("medium", 0.8, 0.74), ("large", 2.0, 0.88))]
+    recipe = recipe_from_dict({
+        **TINY, "name": "three-route", "pool": {"tiers": tiers},
+        "synth": {**TINY["synth"], "out_dir": str(tmp_path / "synth")},
+        "sft": {**TINY["sft"], "epochs": 4, "out_dir": str(tmp_path / "sft")},
+        "router": {**TINY["router"], "turn_format": "route", "max_prompt_tokens": 200, "max_new_tokens": 8},
+        "rl": {"iterations": 2, "tasks": 40, "tasks_per_iteration": 4, "group_size": 4, "save_every": 1,
+               "budgets": ["none", "large_calls=2"], "micro_batch_size": 64, "out_dir": str(tmp_path / "rl")},
+    })
+    report = run_synth(recipe, progress=False)
+    shares = json.loads((tmp_path / "synth" / "report.json").read_text())["tier_shares_hard"]
+    assert set(shares) == {"small", "medium", "large"} and shares["medium"] > 0, (report, shares)
+    sft = run_sft_stage(recipe, progress=False)
+    assert read_meta(sft)["router"]["format"] == {"turn_format": "route", "max_prompt_tokens": 200,
+                                                  "cut_head_share": 0.5}
+    rl = run_rl_stage(recipe, progress=False)
+    assert read_meta(rl)["router"]["format"]["turn_format"] == "route"
+    model, tokenizer, meta = load_checkpoint(rl, recipe.pool.names)
+    policy = RouterPolicy.from_checkpoint(model, tokenizer, meta, recipe, name="rl")
+    records = policy.evaluate(lambda: recipe.make_env("test"), recipe.make_env("test").task_ids[:6],
+                              [Budget(max_calls={"large": 1})], seed=0, progress=False)
+    assert records and not any(r.violation for r in records)
+    calls = np.sum([[r.calls.get(t, 0) for t in recipe.pool.names] for r in records], axis=0)
+    assert calls.sum() > 0 and calls[2] <= len(records)  # the large cap holds
+    assert all(r.extra["well_formed"] == 1.0 for r in records)  # the constraint writes <route>TIER</route>, nothing else
