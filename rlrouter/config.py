@@ -39,8 +39,10 @@ POLICIES = BASELINES + EMBEDDING_ROUTERS
 
 
 def is_always_tier(policy: str, tiers: list[str]) -> bool:
-    """``always-TIER`` for a middle tier of the pool (always-small / always-large are in BASELINES)."""
+    """``always-TIER`` for a tier of the pool (``make_baselines`` plays it; always-small and
+    always-large are the cheapest and the priciest tier whatever their names)."""
     return policy.startswith("always-") and policy[len("always-"):] in tiers
+
 
 
 class RecipeError(ValueError):

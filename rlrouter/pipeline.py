@@ -44,6 +44,7 @@ def run_sft_stage(recipe: Recipe, synth_dir: str | Path | None = None, out_dir: 
     from datasets import load_from_disk
 
     from rlrouter.router.model import freeze_below
+    from rlrouter.router.prompt import RouterFormat
     from rlrouter.sft.train import run_sft
 
     synth_dir = Path(synth_dir) if synth_dir else recipe.synth_dir()
@@ -65,7 +66,7 @@ def run_sft_stage(recipe: Recipe, synth_dir: str | Path | None = None, out_dir: 
         resume_from = out_dir / "trainer_state"
     else:
         model, tokenizer = build_router(recipe, dataset)
-    if fmt != type(fmt)():  # the synthesized turns are think/route with whole prompts: rewrite and cut them
+    if fmt != RouterFormat():  # the synthesized turns are think/route with whole prompts: rewrite and cut them
         dataset = dataset.map(lambda row: {"messages": fmt.as_training_example(tokenizer, row["messages"])},
                               desc="turn format")
     freeze_below(model, recipe.router.train_layers)

@@ -38,6 +38,28 @@ def mmlu_table(routellm_dir):
     return load_routellm(routellm_dir, "mmlu")
 
 
+class ListTokenizer:
+    """A tokenizer over a fixed token list (token id = its index, id 0 ends the turn) for
+    the route constraint's tests; ``pieces`` spells a tier as several tokens."""
+
+    eos_token_id = 0
+
+    def __init__(self, vocab: list[str], pieces: dict[str, list[int]] | None = None):
+        self.vocab, self.pieces = vocab, pieces or {}
+
+    def __len__(self):
+        return len(self.vocab)
+
+    def convert_tokens_to_ids(self, token):
+        return self.vocab.index(token)
+
+    def decode(self, ids):
+        return "".join(self.vocab[i] for i in ids)
+
+    def encode(self, text, add_special_tokens=False):
+        return self.pieces.get(text) or [self.vocab.index(text)]
+
+
 TINY = {
     "name": "tiny-test",
     "seed": 0,

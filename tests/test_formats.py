@@ -12,6 +12,7 @@ from rlrouter.boundary.synthesis import cheapest_successful, draw_tier, strata, 
 from rlrouter.config import RecipeError, recipe_from_dict
 from rlrouter.router.prompt import (CUT_MARKER, REPLY_LINES, RouteFormatError, RouterFormat, cut_middle,
                                     parse_strict, prompt_token_ids)
+from conftest import ListTokenizer
 
 WORDS = [f"w{i}" for i in range(400)]
 
@@ -46,22 +47,7 @@ def test_route_only_constraint_opens_with_the_route_tag():
 
     vocab = ["<|im_end|>", "<think>", "</think>", "<route>", "</route>", "small", "medium", "large"]
 
-    class Tok:
-        eos_token_id = 0
-
-        def __len__(self):
-            return len(vocab)
-
-        def convert_tokens_to_ids(self, t):
-            return vocab.index(t)
-
-        def decode(self, ids):
-            return "".join(vocab[i] for i in ids)
-
-        def encode(self, text, add_special_tokens=False):
-            return [vocab.index(text)]
-
-    proc = RouteConstraint(Tok(), [["small", "medium"]], prompt_length=1, turn_format="route")
+    proc = RouteConstraint(ListTokenizer(vocab), [["small", "medium"]], prompt_length=1, turn_format="route")
     assert proc.allowed_next(0, []) == [3]
     assert sorted(proc.allowed_next(0, [3])) == [5, 6]  # large is not allowed on this row
     assert proc.allowed_next(0, [3, 6]) == [4]

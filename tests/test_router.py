@@ -13,6 +13,7 @@ from rlrouter.router.checkpoint import load_checkpoint, save_checkpoint
 from rlrouter.router.generation import RouteConstraint
 from rlrouter.router.model import TinyRouterConfig
 from rlrouter.router.prompt import parse_strict
+from conftest import ListTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,22 +131,8 @@ def test_step_examples_make_one_chat_per_decision():
 def test_route_constraint_keeps_the_turn_in_the_strict_format_with_allowed_tiers():
     vocab = ["<|im_end|>", "<think>", "a", "</think>", "b", "<route>", "</route>", "small", "la", "rge", "x<y"]
 
-    class Tok:
-        eos_token_id = 0
-
-        def __len__(self):
-            return len(vocab)
-
-        def convert_tokens_to_ids(self, t):
-            return vocab.index(t)
-
-        def decode(self, ids):
-            return "".join(vocab[i] for i in ids)
-
-        def encode(self, text, add_special_tokens=False):
-            return {"small": [7], "large": [8, 9]}[text]
-
-    proc = RouteConstraint(Tok(), [["small"], ["small", "large"]], prompt_length=1, route_bias=3.0)
+    tok = ListTokenizer(vocab, {"small": [7], "large": [8, 9]})
+    proc = RouteConstraint(tok, [["small"], ["small", "large"]], prompt_length=1, route_bias=3.0)
     ids = torch.tensor([[1, 4, 5], [1, 4, 5]])
     scores = proc(ids, torch.zeros(2, len(vocab)))
     assert torch.isfinite(scores[0]).nonzero().flatten().tolist() == [7]

@@ -23,6 +23,7 @@ import itertools
 import numpy as np
 
 from envs.routing import RoutingEnv, nearest_allowed
+from rlrouter.config import is_always_tier
 
 
 def respect_mask(action: int, info: dict) -> int:
@@ -171,12 +172,12 @@ def make_baselines(names, n_tiers: int, random_p=(0.5,), first_large_k=(3,), ora
     for any tier of ``tiers``, the pool's names)."""
     policies = []
     for name in names:
-        if tiers and name.startswith("always-") and name[len("always-"):] in tiers[1:-1]:
-            policies.append(AlwaysTier(tiers.index(name[len("always-"):]), name))
-        elif name == "always-small":
+        if name == "always-small":
             policies.append(AlwaysTier(0, "always-small"))
         elif name == "always-large":
             policies.append(AlwaysTier(n_tiers - 1, "always-large"))
+        elif tiers and is_always_tier(name, tiers):
+            policies.append(AlwaysTier(tiers.index(name[len("always-"):]), name))
         elif name == "random":
             policies += [RandomRouter(p, n_tiers) for p in random_p]
         elif name == "first-large":

@@ -290,12 +290,12 @@ class RouterFormat:
         if self.max_prompt_tokens is None:
             return messages
         last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        marker = len(tokenizer(CUT_MARKER.format(n=0), add_special_tokens=False)["input_ids"])
         for _ in range(8):  # decode/encode at the cut can merge tokens differently: re-check
             over = len(prompt_token_ids(tokenizer, messages)) - self.max_prompt_tokens
             if over <= 0:
                 return messages
             content = messages[last]["content"]
-            marker = len(tokenizer(CUT_MARKER.format(n=0), add_special_tokens=False)["input_ids"])
             if len(tokenizer(content, add_special_tokens=False)["input_ids"]) <= over + marker + 8:
                 break
             messages = [*messages[:last], {**messages[last], "content": cut_middle(
