@@ -174,7 +174,11 @@ class ChatEndpoint:
     async def acomplete(self, messages: list[dict], max_tokens: int, client: httpx.AsyncClient,
                         extra: dict | None = None) -> tuple[dict, list[Attempt]]:
         """``complete`` on an ``httpx.AsyncClient`` (the server's event loop)."""
-        body, attempts = self._body(messages, max_tokens, extra), []
+        return await self.apost(self._body(messages, max_tokens, extra), client)
+
+    async def apost(self, body: dict, client: httpx.AsyncClient) -> tuple[dict, list[Attempt]]:
+        """POST ``body`` as it is (a gateway forwards an agent's request) with retries."""
+        attempts = []
         for k in range(self.max_retries + 1):
             start, response, failure = time.perf_counter(), None, None
             try:
@@ -186,3 +190,29 @@ class ChatEndpoint:
                 break
             await asyncio.sleep(wait)
         return self._result(data, attempts)
+
+    async def astream(self, body: dict, client: httpx.AsyncClient) -> tuple[httpx.Response, list[Attempt]]:
+        """POST a ``stream: true`` body; retries happen before the first byte only. Returns the
+        open 200 response (the caller reads its SSE lines and closes it) and the attempts;
+        raises ``ChatCallError`` like ``apost``."""
+        attempts: list[Attempt] = []
+        for k in range(self.max_retries + 1):
+            start, response, failure = time.perf_counter(), None, None
+            try:
+                request = client.build_request("POST", self.url, json=body, headers=self.headers(),
+                                               timeout=self.timeout_s)
+                response = await client.send(request, stream=True)
+            except httpx.TransportError as err:
+                failure = err
+            if response is not None and response.status_code == 200:
+                self.calls += 1
+                attempts.append(Attempt(200, None, time.perf_counter() - start))
+                return response, attempts
+            if response is not None:
+                await response.aread()
+                await response.aclose()
+            _, wait = self._record(attempts, k, time.perf_counter() - start, response, failure)
+            if wait is None:
+                break
+            await asyncio.sleep(wait)
+        raise ChatCallError(self.url, attempts)

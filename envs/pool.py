@@ -30,6 +30,9 @@ class Tier:
         usd_per_1m_input: list price in dollars per 1M input (prompt) tokens.
         usd_per_1m_output: list price in dollars per 1M output (completion) tokens.
         descriptor: one line the router prompt shows for this tier.
+        usd_per_1m_cached_input: what a provider bills per 1M prompt tokens it served from
+            its prompt cache (``usage.prompt_tokens_details.cached_tokens``); None = no
+            discount, cached tokens cost ``usd_per_1m_input``.
         executor: how this tier's model takes agent steps (world-specific mapping,
             e.g. ``{"kind": "simulated", "skill": 0.8}`` or ``{"kind": "recorded",
             "model": "gpt-4-1106-preview"}``).
@@ -40,6 +43,7 @@ class Tier:
     usd_per_1m_output: float
     descriptor: str = ""
     executor: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    usd_per_1m_cached_input: float | None = None
 
     def __post_init__(self):
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
@@ -47,19 +51,36 @@ class Tier:
                 f"tier name {self.name!r} is invalid: use letters, digits, '-' or '_' "
                 "(the router writes it inside <route>…</route>)"
             )
-        for price_field in ("usd_per_1m_input", "usd_per_1m_output"):
+        for price_field in ("usd_per_1m_input", "usd_per_1m_output", "usd_per_1m_cached_input"):
             price = getattr(self, price_field)
-            if not isinstance(price, (int, float)) or price < 0:
+            if price is None and price_field == "usd_per_1m_cached_input":
+                continue
+            if isinstance(price, bool) or not isinstance(price, (int, float)) or price < 0:
                 raise ValueError(
                     f"tier {self.name!r}: {price_field} must be a non-negative number "
                     f"of dollars per 1M tokens, got {price!r}"
                 )
 
-    def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
-        """Dollar cost of one call with these real token counts."""
-        if input_tokens < 0 or output_tokens < 0:
-            raise ValueError(f"token counts must be >= 0, got {input_tokens}, {output_tokens}")
-        return (input_tokens * self.usd_per_1m_input + output_tokens * self.usd_per_1m_output) / 1e6
+    @property
+    def cached_input_price(self) -> float:
+        """Dollars per 1M cached prompt tokens (the input price when none is declared)."""
+        return self.usd_per_1m_input if self.usd_per_1m_cached_input is None else self.usd_per_1m_cached_input
+
+    def cost_usd(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
+        """Dollar cost of one call with these real token counts; ``cached_tokens`` of the
+        ``input_tokens`` were served from the prompt cache (billed at the cached price)."""
+        if input_tokens < 0 or output_tokens < 0 or not 0 <= cached_tokens <= input_tokens:
+            raise ValueError(f"token counts must be >= 0 with cached <= input, got input {input_tokens}, "
+                             f"output {output_tokens}, cached {cached_tokens}")
+        return ((input_tokens - cached_tokens) * self.usd_per_1m_input + cached_tokens * self.cached_input_price
+                + output_tokens * self.usd_per_1m_output) / 1e6
+
+    def pico_prices(self) -> tuple[int, int, int]:
+        """(input, cached input, output) prices in pico-dollars (1e-12 USD) per token: exact
+        integers for prices given to 1e-6 dollars per 1M tokens. The gateway's ledger adds
+        these, so many processes sum the same spend with no rounding."""
+        return tuple(int(round(p * 1e6)) for p in (self.usd_per_1m_input, self.cached_input_price,
+                                                   self.usd_per_1m_output))
 
 
 @dataclass(frozen=True)
@@ -90,7 +111,7 @@ class Pool:
     @classmethod
     def from_config(cls, tiers: Sequence[Mapping[str, Any]], where: str = "pool.tiers") -> "Pool":
         """Build from recipe entries ``{name, usd_per_1m_input, usd_per_1m_output, ...}``."""
-        known = {"name", "usd_per_1m_input", "usd_per_1m_output", "descriptor", "executor"}
+        known = {"name", "usd_per_1m_input", "usd_per_1m_output", "descriptor", "executor", "usd_per_1m_cached_input"}
         built = []
         for i, entry in enumerate(tiers):
             if not isinstance(entry, Mapping):

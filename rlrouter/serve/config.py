@@ -8,6 +8,7 @@ pool:                                  # the tiers the router may route to
     model: Qwen/Qwen2.5-0.5B-Instruct
     usd_per_1m_input: 0.40
     usd_per_1m_output: 1.60
+    usd_per_1m_cached_input: 0.10      # optional: the price of prompt tokens served from cache
     api_key_env: SMALL_API_KEY         # optional: the key is read from this env variable
     timeout_s: 30                      # optional
     max_retries: 2                     # optional: retries after a timeout, 429 or 5xx
@@ -20,6 +21,13 @@ server:                                # all optional
   min_routes: 1                        # routes before the router may answer
   max_tokens: 512                      # a pool call's output tokens, at most
   router_max_tokens: 128               # one router turn's tokens, at most
+  # gateway mode (model "rlrouter/auto"): one request = one step of an agent's task
+  gateway_model: rlrouter/auto         # the model name that selects gateway mode
+  task_store: memory                   # or redis://127.0.0.1:6379/0 to share budgets across replicas
+  task_ttl_s: 3600                     # a task idle this long is forgotten
+  reservation_ttl_s: 300               # a reservation not settled by then is dropped (a dead replica)
+  tools_overhead_tokens: 256           # prompt tokens a chat template may add for a request's tools
+  traffic_log: runs/gateway/traffic.jsonl  # optional: one JSON line per step and per posted outcome
 ```
 Secrets never appear in this file: only the *names* of the environment variables that
 hold them.
@@ -38,10 +46,11 @@ import yaml
 from envs.budget import Budget
 from envs.pool import Pool, Tier
 
-TIER_FIELDS = {"name", "base_url", "model", "usd_per_1m_input", "usd_per_1m_output", "descriptor", "api_key_env",
-               "timeout_s", "max_retries"}
+TIER_FIELDS = {"name", "base_url", "model", "usd_per_1m_input", "usd_per_1m_output", "usd_per_1m_cached_input",
+               "descriptor", "api_key_env", "timeout_s", "max_retries"}
 SERVER_FIELDS = {"api_key_env", "default_budget", "max_turns", "min_routes", "max_tokens", "router_max_tokens",
-                 "retry_backoff_s", "input_overhead_tokens", "served_model_name"}
+                 "retry_backoff_s", "input_overhead_tokens", "served_model_name", "gateway_model", "task_store",
+                 "task_ttl_s", "reservation_ttl_s", "tools_overhead_tokens", "traffic_log"}
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,12 @@ class ServeConfig:
     # special tokens): the worst-case input of a pool call is its UTF-8 bytes plus this.
     input_overhead_tokens: int = 16
     served_model_name: str = "rlrouter"
+    gateway_model: str = "rlrouter/auto"
+    task_store: str = "memory"  # "memory" (one process) or a redis:// URL (replicas share budgets)
+    task_ttl_s: float = 3600.0
+    reservation_ttl_s: float = 300.0
+    tools_overhead_tokens: int = 256
+    traffic_log: str | None = None
 
     def server_api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
@@ -110,8 +125,10 @@ def serve_config_from_dict(data: Any, where: str = "pool config") -> ServeConfig
             raise ValueError(f"{at}.base_url must start with http:// or https://, got {entry['base_url']!r}")
         _check_env_name(entry.get("api_key_env"), f"{at}.api_key_env")
         try:
+            cached = entry.get("usd_per_1m_cached_input")
             tiers.append(Tier(entry["name"], float(entry["usd_per_1m_input"]), float(entry["usd_per_1m_output"]),
-                              entry.get("descriptor", "")))
+                              entry.get("descriptor", ""),
+                              usd_per_1m_cached_input=None if cached is None else float(cached)))
             endpoints[entry["name"]] = Endpoint(
                 str(entry["base_url"]).rstrip("/"), str(entry["model"]), entry.get("api_key_env"),
                 _positive(entry.get("timeout_s", 30.0), f"{at}.timeout_s"),
@@ -144,11 +161,32 @@ def serve_config_from_dict(data: Any, where: str = "pool config") -> ServeConfig
         input_overhead_tokens=_count(server.get("input_overhead_tokens", 16), f"{where}: server.input_overhead_tokens",
                                      minimum=0),
         served_model_name=str(server.get("served_model_name", "rlrouter")),
+        gateway_model=str(server.get("gateway_model", "rlrouter/auto")),
+        task_store=_task_store(server.get("task_store", "memory"), f"{where}: server.task_store"),
+        task_ttl_s=_positive(server.get("task_ttl_s", 3600.0), f"{where}: server.task_ttl_s"),
+        reservation_ttl_s=_positive(server.get("reservation_ttl_s", 300.0), f"{where}: server.reservation_ttl_s"),
+        tools_overhead_tokens=_count(server.get("tools_overhead_tokens", 256), f"{where}: server.tools_overhead_tokens",
+                                     minimum=0),
+        traffic_log=None if server.get("traffic_log") is None else str(server["traffic_log"]),
     )
+    if config.gateway_model == config.served_model_name:
+        raise ValueError(f"{where}: server.gateway_model and server.served_model_name are both "
+                         f"{config.gateway_model!r}; the model name is what tells gateway steps from chat requests")
+    slowest = max(e.timeout_s * (e.max_retries + 1) for e in endpoints.values())
+    if config.reservation_ttl_s <= slowest:
+        raise ValueError(f"{where}: server.reservation_ttl_s ({config.reservation_ttl_s:g}) must exceed the slowest "
+                         f"tier's timeout_s x (max_retries + 1) = {slowest:g} s, or a reservation could lapse while "
+                         "its call is still running")
     if config.min_routes > config.max_turns:
         raise ValueError(f"{where}: server.min_routes ({config.min_routes}) exceeds server.max_turns "
                          f"({config.max_turns})")
     return config
+
+
+def _task_store(value: Any, where: str) -> str:
+    if value == "memory" or (isinstance(value, str) and value.startswith(("redis://", "rediss://", "unix://"))):
+        return value
+    raise ValueError(f"{where} must be 'memory' or a Redis URL like redis://127.0.0.1:6379/0, got {value!r}")
 
 
 def _check_env_name(value: Any, where: str) -> None:

@@ -11,6 +11,14 @@ calls to ``m`` (n = -1: all of them), ``{"model": "m", "reply": text}`` makes ``
 ``GET /ledger`` lists every call it answered (model, tokens, status): an account of what
 was spent that is independent of the router's own.
 
+For agents: a request with ``tools`` is answered with a call to its first tool (arguments
+made from the tool's JSON schema) until the conversation holds ``tool_rounds`` tool results
+(default 2; ``/control`` ``{"tool_rounds": n}``), then with text. ``stream: true`` answers
+in SSE chunks as OpenAI does (``stream_options.include_usage`` adds the usage chunk).
+``/control`` ``{"prompt_cache": true}`` reports ``usage.prompt_tokens_details.cached_tokens``
+as a provider's prompt cache would: the tokens of the longest prefix this model has seen in
+an earlier prompt (whole 4-byte tokens).
+
     python -m rlrouter.serve.local_pool --port 8001 [--api-key-env POOL_KEY] [--delay-s 0.2]
 """
 
@@ -20,13 +28,14 @@ import argparse
 import asyncio
 import hashlib
 import hmac
+import json
 import os
 import socket
 import threading
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 WORDS = ("the plan checks each step and returns a short answer with the result of the work so far "
          "then it lists what remains and why").split()
@@ -37,12 +46,35 @@ def reply_words(model: str, prompt: str, n: int = 48) -> list[str]:
     return [f"[{model}]"] + [WORDS[(seed >> (3 * i)) % len(WORDS)] for i in range(n - 1)]
 
 
+def tool_arguments(tool: dict, k: int) -> dict:
+    """Arguments for a call to ``tool`` from its JSON schema: every required property gets a
+    value of its type (strings name the round ``k``)."""
+    params = (tool.get("function") or {}).get("parameters") or {}
+    values = {"string": f"step {k}", "integer": k, "number": float(k), "boolean": True, "array": [], "object": {}}
+    return {name: values.get((params.get("properties") or {}).get(name, {}).get("type"), f"step {k}")
+            for name in params.get("required") or []}
+
+
+def prompt_text(messages: list) -> str:
+    def text(m):
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        calls = json.dumps(m["tool_calls"]) if m.get("tool_calls") else ""
+        return f"{content or ''}{calls}"
+
+    return "\n".join(text(m) for m in messages)
+
+
 def create_pool_app(api_key: str | None = None, delay_s: float = 0.0) -> FastAPI:
     app = FastAPI(title="rlrouter local pool")
     app.state.faults = {}  # model -> [mode, remaining count]
     app.state.replies = {}  # model -> fixed reply text
     app.state.ledger = []
     app.state.delay_s = delay_s
+    app.state.tool_rounds = 2
+    app.state.prompt_cache = False
+    app.state.seen = {}  # model -> prompts seen (the simulated prompt cache)
 
     @app.post("/control")
     async def control(request: Request):
@@ -53,6 +85,11 @@ def create_pool_app(api_key: str | None = None, delay_s: float = 0.0) -> FastAPI
             app.state.replies[body["model"]] = body["reply"]
         elif "model" in body:
             app.state.faults[body["model"]] = [body.get("mode", "ok"), int(body.get("count", -1))]
+        if "tool_rounds" in body:
+            app.state.tool_rounds = int(body["tool_rounds"])
+        if "prompt_cache" in body:
+            app.state.prompt_cache = bool(body["prompt_cache"])
+            app.state.seen.clear()
         if body.get("reset_ledger"):
             app.state.ledger.clear()
         return {"ok": True}
@@ -82,20 +119,67 @@ def create_pool_app(api_key: str | None = None, delay_s: float = 0.0) -> FastAPI
             return JSONResponse({"error": {"message": f"injected {status}", "type": "server_error"}}, status,
                                 headers=headers)
         messages = body.get("messages") or []
-        prompt = "\n".join(str(m.get("content", "")) for m in messages)
-        fixed = app.state.replies.get(model)
-        words = fixed.split(" ") if fixed else reply_words(model, prompt)
-        max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or len(words))
-        finish = "length" if max_tokens < len(words) else "stop"
-        words = words[:max_tokens]
-        usage = {"prompt_tokens": len(prompt.encode()) // 4 + 4 * len(messages), "completion_tokens": len(words)}
+        prompt = prompt_text(messages)
+        tools = body.get("tools") or []
+        rounds = sum(1 for m in messages if m.get("role") == "tool")
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        message, finish = {"role": "assistant", "content": None}, "stop"
+        if tools and rounds < app.state.tool_rounds:
+            tool = tools[0]
+            call = {"id": f"call_{len(app.state.ledger)}_{rounds}", "type": "function",
+                    "function": {"name": tool["function"]["name"],
+                                 "arguments": json.dumps(tool_arguments(tool, rounds))}}
+            message["tool_calls"], finish = [call], "tool_calls"
+            n_out = len(call["function"]["arguments"].encode()) // 4 + 4
+        else:
+            fixed = app.state.replies.get(model)
+            words = fixed.split(" ") if fixed else reply_words(model, prompt)
+            limit = int(max_tokens or len(words))
+            finish = "length" if limit < len(words) else "stop"
+            words = words[:limit]
+            message["content"], n_out = " ".join(words), len(words)
+        if max_tokens is not None and n_out > int(max_tokens):
+            n_out, finish = int(max_tokens), "length"
+        usage = {"prompt_tokens": len(prompt.encode()) // 4 + 4 * len(messages), "completion_tokens": n_out}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        app.state.ledger.append({"model": model, "status": 200, **usage})
-        return {"id": f"cmpl-{len(app.state.ledger)}", "object": "chat.completion", "created": int(time.time()),
-                "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)},
-                                             "finish_reason": finish}], "usage": usage}
+        if app.state.prompt_cache:
+            seen = app.state.seen.setdefault(model, [])
+            shared = max((len(os.path.commonprefix([prompt, p]).encode()) for p in seen), default=0)
+            usage["prompt_tokens_details"] = {"cached_tokens": min(shared // 4, usage["prompt_tokens"])}
+            seen.append(prompt)
+        app.state.ledger.append({"model": model, "status": 200, "stream": bool(body.get("stream")),
+                                 "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
+                                 **{k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}})
+        completion = {"id": f"cmpl-{len(app.state.ledger)}", "object": "chat.completion",
+                      "created": int(time.time()), "model": model}
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(sse_chunks(completion, message, finish, usage, include_usage),
+                                     media_type="text/event-stream")
+        return {**completion, "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage}
 
     return app
+
+
+async def sse_chunks(completion: dict, message: dict, finish: str, usage: dict, include_usage: bool):
+    """A completion as OpenAI streams it: a role chunk, content (a word per chunk) or the tool
+    call, the finish chunk, the usage chunk when asked for, ``[DONE]``."""
+    head = {**completion, "object": "chat.completion.chunk"}
+
+    def chunk(choices, **more):
+        return f"data: {json.dumps({**head, 'choices': choices, **more})}\n\n"
+
+    yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+    if message.get("tool_calls"):
+        calls = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+        yield chunk([{"index": 0, "delta": {"tool_calls": calls}, "finish_reason": None}])
+    else:
+        for i, word in enumerate(message["content"].split(" ")):
+            yield chunk([{"index": 0, "delta": {"content": word if i == 0 else f" {word}"}, "finish_reason": None}])
+    yield chunk([{"index": 0, "delta": {}, "finish_reason": finish}])
+    if include_usage:
+        yield chunk([], usage=usage)
+    yield "data: [DONE]\n\n"
 
 
 def free_port() -> int:

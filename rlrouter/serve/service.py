@@ -168,15 +168,21 @@ class RouterService:
         n_out = int(tokens.get("output", self.config.max_tokens))
         return [t.name for t in self.pool.tiers if max_output_tokens(t, budget, spend, n_in, n_out) >= n_out]
 
+    def step_user_text(self, request: dict, budget: Budget, spend: Spend) -> str:
+        """The step prompt's user turn for the state the request describes (before any cut)."""
+        return step_user_message(step_view(request, spend, budget, self.history_window))
+
     def step_prompt(self, request: dict, budget: Budget, spend: Spend) -> list[int]:
         """Token ids of the trained step prompt for the state the request describes."""
         view = step_view(request, spend, budget, self.history_window)
         return self.format.prompt_ids(self.tokenizer, [[self.step_system,
                                                         {"role": "user", "content": step_user_message(view)}]])[0]
 
-    async def route(self, request: dict, budget: Budget, spend: Spend) -> dict:
-        """The tier for the next step of an episode (no model is called)."""
-        allowed = self.step_allowed(request, budget, spend)
+    async def route(self, request: dict, budget: Budget, spend: Spend, allowed: list[str] | None = None,
+                    mode: str = "step") -> dict:
+        """The tier for the next step of an episode (no model is called), among ``allowed``
+        (default: the tiers ``step_allowed`` finds for the request)."""
+        allowed = self.step_allowed(request, budget, spend) if allowed is None else allowed
         if not allowed:
             return {"tier": None, "think": "", "allowed_tiers": [], "budget_exhausted": True, "malformed": False,
                     "usage": {"prompt_tokens": 0, "completion_tokens": 0}}
@@ -192,7 +198,7 @@ class RouterService:
         if malformed:
             self.metrics.malformed.inc()
             self.metrics.fallbacks.labels(reason="malformed").inc()
-        self.metrics.routes.labels(tier=parsed.tier, mode="step").inc()
+        self.metrics.routes.labels(tier=parsed.tier, mode=mode).inc()
         return {"tier": parsed.tier, "think": parsed.think, "allowed_tiers": allowed, "budget_exhausted": False,
                 "malformed": malformed, "usage": {"prompt_tokens": out.prompt_tokens,
                                                   "completion_tokens": out.completion_tokens}}
