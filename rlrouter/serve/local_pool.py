@@ -148,6 +148,7 @@ def create_pool_app(api_key: str | None = None, delay_s: float = 0.0) -> FastAPI
             usage["prompt_tokens_details"] = {"cached_tokens": min(shared // 4, usage["prompt_tokens"])}
             seen.append(prompt)
         app.state.ledger.append({"model": model, "status": 200, "stream": bool(body.get("stream")),
+                                 "user": body.get("user"),
                                  "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
                                  **{k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}})
         completion = {"id": f"cmpl-{len(app.state.ledger)}", "object": "chat.completion",
