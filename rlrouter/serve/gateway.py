@@ -203,8 +203,9 @@ class Step:
     max_tokens: int
     body: dict
     decision: dict
-    started: float
+    started: float  # when the gateway began reading the request
     failed_tiers: list[dict]
+    upstream_s: float = 0.0  # time spent waiting on tiers (the pool), fallbacks included
 
 
 class TrafficLog:
@@ -231,6 +232,7 @@ class Gateway:
     # ---- the decision ----
     async def begin(self, body: dict, headers: dict) -> Step:
         """Read the request, open its task, route, reserve. Raises ``GatewayError``."""
+        began = time.perf_counter()
         messages = check_messages(body)
         task_id, _ = task_identity(headers, body, messages)
         budget = requested_budget(headers, body, self.pool)
@@ -260,18 +262,23 @@ class Gateway:
         candidates = [decision["tier"]] + [t for t in reversed(allowed)
                                            if self.pool.index(t) < self.pool.index(decision["tier"])]
         for tier in candidates:
-            reserved = await self._reserve(task_id, self.pool[tier], bound, limit)
+            reserved = await self._reserve(task_id, self.pool[tier], bound, limit, state)
             if reserved is not None:
                 rid, pico, tokens = reserved
                 return Step(task_id, len(state.steps), tier, rid, pico, tokens, dict(body, _limit_key=limit_key),
-                            decision, time.perf_counter(), [])
+                            decision, began, [])
         raise GatewayError(402, f"task {task_id!r}: concurrent steps reserved what is left of its budget "
                                 f"{state.budget.label}", param="budget", code="budget_exhausted")
 
-    async def _reserve(self, task_id: str, tier: Tier, bound: int, limit: int) -> tuple[str, int, int] | None:
+    async def _reserve(self, task_id: str, tier: Tier, bound: int, limit: int,
+                       state: TaskState | None = None) -> tuple[str, int, int] | None:
+        """Reserve the most output tokens of ``tier`` the task can pay for (at most ``limit``):
+        (reservation id, pico-dollars, tokens), or None. ``state``: a snapshot to size the
+        first attempt with (the store decides atomically; a refusal re-reads it)."""
         least = min(MIN_OUTPUT_TOKENS, limit)
-        for _ in range(RESERVE_ATTEMPTS):
-            state = await self.ledger.state(task_id)
+        for attempt in range(RESERVE_ATTEMPTS):
+            if attempt > 0 or state is None:
+                state = await self.ledger.state(task_id, steps=False)
             if state is None:
                 raise GatewayError(404, f"task {task_id!r} expired while this step was being routed",
                                    param="task", code="task_not_found")
@@ -316,6 +323,7 @@ class Gateway:
     async def complete(self, step: Step) -> tuple[dict, dict]:
         """Forward a non-streaming step: (the tier's JSON, the step's record)."""
         client = self.service.pool_client
+        start = time.perf_counter()
         while True:
             try:
                 data, _ = await client.endpoints[step.tier].apost(self._tier_body(step, False), client.client)
@@ -324,6 +332,7 @@ class Gateway:
                 if not await self._next_tier(step, err):
                     raise GatewayError(502, f"every tier the budget allows failed: {step.failed_tiers}",
                                        code="pool_unavailable", kind="upstream_error") from None
+        step.upstream_s = time.perf_counter() - start
         record = await self.settle(step, data.get("usage"), _finish_reason(data))
         return data, record
 
@@ -331,6 +340,7 @@ class Gateway:
         """Forward a streaming step; open the tier's stream before the first byte goes back
         (so a failing tier still falls back), then relay its SSE lines and settle at the end."""
         client = self.service.pool_client
+        step.upstream_s = -time.perf_counter()  # until the relay has read the tier's last line
         while True:
             try:
                 response, _ = await client.endpoints[step.tier].astream(self._tier_body(step, True), client.client)
@@ -364,6 +374,7 @@ class Gateway:
                 yield line + "\n"
         finally:
             await response.aclose()
+            step.upstream_s += time.perf_counter()
             await self.settle(step, usage, finish)
 
     async def settle(self, step: Step, usage: dict | None, finish_reason: str | None) -> dict:
@@ -380,14 +391,18 @@ class Gateway:
         self.log.write({"time": time.time(), "task": step.task_id, "step": step.index, "tier": step.tier,
                         "router_tier": step.decision["tier"], "allowed_tiers": step.decision["allowed_tiers"],
                         "step_prompt": step.decision["step_prompt"], "malformed": step.decision["malformed"],
-                        "decision_s": step.decision["seconds"], "latency_s": time.perf_counter() - step.started,
+                        "decision_s": step.decision["seconds"], "upstream_s": step.upstream_s,
+                        "latency_s": time.perf_counter() - step.started,
                         "failed_tiers": step.failed_tiers, "settled": bool(settled), **record})
         return {**record, "settled": settled}
 
     async def headers(self, step: Step) -> dict:
-        state = await self.ledger.state(step.task_id)
+        state = await self.ledger.state(step.task_id, steps=False)
         out = {"x-rlrouter-tier": step.tier, "x-rlrouter-task": step.task_id,
-               "x-rlrouter-router-tier": step.decision["tier"]}
+               "x-rlrouter-router-tier": step.decision["tier"],
+               "server-timing": f"router;dur={1000 * step.decision['seconds']:.3f}"}
+        if step.upstream_s > 0:  # a whole reply: the tier has answered (a stream's headers go first)
+            out["server-timing"] += f", upstream;dur={1000 * step.upstream_s:.3f}"
         if state is not None:
             out["x-rlrouter-task-spent-usd"] = f"{state.spent_usd:.9f}"
             left = state.left_pico()

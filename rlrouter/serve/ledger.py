@@ -134,7 +134,8 @@ class MemoryLedger:
                                    "reservations": {}, "settled": set(), "touched": self.clock()}
         return await self.state(task_id), created
 
-    async def state(self, task_id: str) -> TaskState | None:
+    async def state(self, task_id: str, steps: bool = True) -> TaskState | None:
+        """The task's snapshot; ``steps=False`` leaves its trace out (cheaper, for budget checks)."""
         task = self._live(task_id)
         if task is None:
             return None
@@ -143,7 +144,7 @@ class MemoryLedger:
             reserved_calls[r["tier"]] = reserved_calls.get(r["tier"], 0) + 1
         return TaskState(task_id, _budget_from_fields(task["usd"], task["caps"]), task["spent"], dict(task["calls"]),
                          sum(r["pico"] for r in task["reservations"].values()), reserved_calls,
-                         [dict(s) for s in task["steps"]], task["outcome"])
+                         [dict(s) for s in task["steps"]] if steps else [], task["outcome"])
 
     async def reserve(self, task_id: str, reservation_id: str, tier: str, pico: int) -> str:
         """Reserve ``pico`` and one call of ``tier``: "ok", or why not ("usd", "calls", "unknown_task")."""
@@ -296,17 +297,29 @@ class RedisLedger:
 
     async def open(self, task_id: str, budget: Budget) -> tuple[TaskState, bool]:
         usd, caps = _budget_fields(budget)
-        created = await self._call(self._open(keys=self._keys(task_id), args=[usd, caps, self.task_ttl_ms]))
-        return await self.state(task_id), bool(created)
+        async with self.redis.pipeline(transaction=True) as pipe:  # one round trip: open, then read
+            await self._open(keys=self._keys(task_id), args=[usd, caps, self.task_ttl_ms], client=pipe)
+            self._queue_reads(pipe, task_id, steps=True)
+            created, *reads = await self._call(pipe.execute())
+        return self._parse(task_id, *reads), bool(created)
 
-    async def state(self, task_id: str) -> TaskState | None:
-        task_key, res_key, steps_key = self._keys(task_id)
+    async def state(self, task_id: str, steps: bool = True) -> TaskState | None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(task_key).hgetall(res_key).lrange(steps_key, 0, -1).time()
-            task, reservations, steps, now = await self._call(pipe.execute())
+            self._queue_reads(pipe, task_id, steps)
+            reads = await self._call(pipe.execute())
+        return self._parse(task_id, *reads) if steps else self._parse(task_id, reads[0], reads[1], [], reads[2])
+
+    def _queue_reads(self, pipe, task_id: str, steps: bool) -> None:
+        task_key, res_key, steps_key = self._keys(task_id)
+        pipe.hgetall(task_key).hgetall(res_key)
+        if steps:
+            pipe.lrange(steps_key, 0, -1)
+        pipe.time()
+
+    def _parse(self, task_id: str, task: dict, reservations: dict, steps: list, now) -> TaskState | None:
         if not task:
             return None
-        now_ms = now[0] * 1000 + now[1] // 1000
+        now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
         reserved_pico, reserved_calls = 0, {}
         for raw in reservations.values():
             tier, pico, deadline = raw.split(" ")
