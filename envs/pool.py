@@ -153,16 +153,20 @@ class Pool:
         return self.tiers[self.index(name)]
 
     def describe(self) -> list[dict]:
-        """JSON-friendly descriptors (what the router prompt and checkpoints store)."""
-        return [
-            {
-                "name": t.name,
-                "usd_per_1m_input": t.usd_per_1m_input,
-                "usd_per_1m_output": t.usd_per_1m_output,
-                "descriptor": t.descriptor,
-            }
-            for t in self.tiers
-        ]
+        """JSON-friendly descriptors (what the router prompt and checkpoints store); the
+        cached-input price only where a tier declares one."""
+        out = []
+        for t in self.tiers:
+            d = {"name": t.name, "usd_per_1m_input": t.usd_per_1m_input, "usd_per_1m_output": t.usd_per_1m_output,
+                 "descriptor": t.descriptor}
+            if t.usd_per_1m_cached_input is not None:
+                d["usd_per_1m_cached_input"] = t.usd_per_1m_cached_input
+            out.append(d)
+        return out
+
+    @property
+    def has_cached_prices(self) -> bool:
+        return any(t.usd_per_1m_cached_input is not None for t in self.tiers)
 
 
 @dataclass
@@ -174,10 +178,15 @@ class CostLedger:
     input_tokens: dict[str, int] = field(default_factory=dict)
     output_tokens: dict[str, int] = field(default_factory=dict)
     cost_usd: float = 0.0
+    cached_tokens: dict[str, int] = field(default_factory=dict)  # input tokens billed at the cached price
 
-    def charge(self, tier: Tier, input_tokens: int, output_tokens: int) -> float:
-        """Record one call and return its cost."""
-        return self.charge_recorded(tier, input_tokens, output_tokens, tier.cost_usd(input_tokens, output_tokens))
+    def charge(self, tier: Tier, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
+        """Record one call and return its cost (``cached_tokens`` of its input served from
+        the tier's prompt cache)."""
+        cost = tier.cost_usd(input_tokens, output_tokens, cached_tokens)
+        if cached_tokens:
+            self.cached_tokens[tier.name] = self.cached_tokens.get(tier.name, 0) + cached_tokens
+        return self.charge_recorded(tier, input_tokens, output_tokens, cost)
 
     def charge_recorded(self, tier: Tier, input_tokens: int, output_tokens: int, cost_usd: float) -> float:
         """Record one call whose dollar cost was recorded (replayed data with a cost column)."""
@@ -190,7 +199,8 @@ class CostLedger:
         return cost_usd
 
     def copy(self) -> "CostLedger":
-        return CostLedger(self.pool, dict(self.calls), dict(self.input_tokens), dict(self.output_tokens), self.cost_usd)
+        return CostLedger(self.pool, dict(self.calls), dict(self.input_tokens), dict(self.output_tokens), self.cost_usd,
+                          dict(self.cached_tokens))
 
     def summary(self) -> dict:
         return {
@@ -198,4 +208,5 @@ class CostLedger:
             "calls": dict(self.calls),
             "input_tokens": dict(self.input_tokens),
             "output_tokens": dict(self.output_tokens),
+            "cached_tokens": dict(self.cached_tokens),
         }

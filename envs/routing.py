@@ -66,6 +66,12 @@ class RoutingEnv(gym.Env):
     - ``masked_action``: ``"error"`` (default) or ``"remap"``.
     - ``history_window``: steps of history shown in the prompt (default 4).
     - ``taxonomy``: optional ``{task_id: "easy" | "hard" | "intractable"}`` for ``info``.
+    - ``prompt_cache``: model each tier's prompt cache (default off). While consecutive
+      steps stay on one tier, the part of the agent's prompt the previous call shared with
+      this one (system prompt, task and the history before it:
+      ``World.prompt_prefix_tokens``) is billed at the tier's ``usd_per_1m_cached_input``;
+      a switch loses the cache (the new tier has not seen the prefix), so the next call
+      pays full input price. The budget mask still assumes no cache (a worst case).
 
     ## Example
     >>> import gymnasium as gym, envs
@@ -93,6 +99,7 @@ class RoutingEnv(gym.Env):
         history_window: int = 4,
         taxonomy: dict[str, str] | None = None,
         render_mode: str | None = None,
+        prompt_cache: bool = False,
     ):
         self.world = world
         self.pool = pool or world.pool
@@ -111,6 +118,11 @@ class RoutingEnv(gym.Env):
         self.history_window = int(history_window)
         self.taxonomy = dict(taxonomy or {})
         self.render_mode = render_mode
+        self.prompt_cache = bool(prompt_cache)
+        if self.prompt_cache and not world.models_prompt_prefix:
+            raise ValueError(f"prompt_cache: the {world.name!r} world's calls share no prompt prefix (each query "
+                             "is its own prompt), so there is nothing to cache; leave env.prompt_cache off")
+        self._cache: tuple[str, int] | None = None  # (tier holding the prefix, its tokens)
         self.task_ids = world.task_ids(split)
 
         n = len(self.pool)
@@ -145,6 +157,7 @@ class RoutingEnv(gym.Env):
         self._state = None
         self._state = self.world.reset(task_id, episode_seed)
         self.ledger = CostLedger(self.pool)
+        self._cache = None
         self.history: list[tuple[str, str, str]] = []  # (tier, event, observation)
         self.success = False
         self.finished = False
@@ -173,13 +186,17 @@ class RoutingEnv(gym.Env):
                 )
             action = nearest_allowed(action, self._mask)
         tier = self.pool.tiers[action]
+        prefix = self.world.prompt_prefix_tokens(self._state) if self.prompt_cache else 0
         result = self.world.step(self._state, tier)
         if result.cost_usd is None:
-            step_cost = self.ledger.charge(tier, result.input_tokens, result.output_tokens)
+            cached = self._cached_tokens(tier.name, result.input_tokens, prefix)
+            step_cost = self.ledger.charge(tier, result.input_tokens, result.output_tokens, cached)
         else:
+            cached = 0
             step_cost = self.ledger.charge_recorded(tier, result.input_tokens, result.output_tokens, result.cost_usd)
         self.history.append((tier.name, result.event, result.observation))
         self.success = result.success
+        self._last_cached = cached
 
         reward = -self.cost_lambda * step_cost
         terminated = result.done
@@ -192,6 +209,15 @@ class RoutingEnv(gym.Env):
         self.finished = terminated or truncated
         info = self._info(step=(tier.name, step_cost, result))
         return self._observation(), float(reward), terminated, truncated, info
+
+    def _cached_tokens(self, tier: str, input_tokens: int, prefix: int) -> int:
+        """Prompt tokens of this call served from ``tier``'s cache: the prefix the previous
+        call left there when it was on the same tier; then this call's prefix is cached."""
+        if not self.prompt_cache:
+            return 0
+        cached = min(self._cache[1], input_tokens) if self._cache is not None and self._cache[0] == tier else 0
+        self._cache = (tier, prefix)
+        return cached
 
     def close(self):
         """Give the episode's game session back to the world (text-game worlds), and close
@@ -245,7 +271,9 @@ class RoutingEnv(gym.Env):
         v = self.world.router_view(self._state)
         lines = ["Pool (USD per 1M input/output tokens):"]
         for tier in self.pool.tiers:
-            lines.append(f"- {tier.name}: ${tier.usd_per_1m_input:.2f}/${tier.usd_per_1m_output:.2f}. {tier.descriptor}")
+            cached = "" if tier.usd_per_1m_cached_input is None else f" (cached input ${tier.usd_per_1m_cached_input:.2f})"
+            lines.append(f"- {tier.name}: ${tier.usd_per_1m_input:.2f}/${tier.usd_per_1m_output:.2f}{cached}. "
+                         f"{tier.descriptor}")
         budget = [f"spent ${self.ledger.cost_usd:.4f}"]
         if self.budget.usd is not None:
             budget.append(f"${usd_left(self.budget, self.ledger):.4f} left of ${self.budget.usd:.4f}")
@@ -302,6 +330,7 @@ class RoutingEnv(gym.Env):
                 step_cost_usd=step_cost,
                 input_tokens=result.input_tokens,
                 output_tokens=result.output_tokens,
+                cached_tokens=self._last_cached,
                 event=result.event,
                 step_ok=bool(result.step_ok),
                 progress=result.progress,
@@ -314,24 +343,33 @@ class RoutingEnv(gym.Env):
     def snapshot(self) -> Any:
         """Copy of the episode's mutable state; ``restore`` puts it back."""
         return (self.world.copy_state(self._state), self.ledger.copy(), list(self.history), self.success,
-                self.finished, self.budget_exhausted, self._mask.copy())
+                self.finished, self.budget_exhausted, self._mask.copy(), self._cache)
 
     def restore(self, snapshot: Any) -> None:
-        state, ledger, history, self.success, self.finished, self.budget_exhausted, mask = snapshot
+        state, ledger, history, self.success, self.finished, self.budget_exhausted, mask, self._cache = snapshot
         self._state = self.world.copy_state(state)
         self.ledger = ledger.copy()
         self.history = list(history)
         self._mask = mask.copy()
 
     def cost_to_go_lower_bound(self) -> float:
-        """Admissible lower bound on the dollars any route still has to pay to succeed."""
-        return self.world.cost_to_go_lower_bound(self._state)
+        """Admissible lower bound on the dollars any route still has to pay to succeed. With
+        the prompt cache, every input token may be a cached one: the world's bound (at full
+        prices) scaled by the smallest cached/full input price ratio stays below any route's
+        cost, since each call's cost is at least that ratio times its full-price cost."""
+        bound = self.world.cost_to_go_lower_bound(self._state)
+        if not self.prompt_cache:
+            return bound
+        ratio = min((t.cached_input_price / t.usd_per_1m_input if t.usd_per_1m_input else 1.0)
+                    for t in self.pool.tiers)
+        return bound * min(ratio, 1.0)
 
     def search_key(self) -> Any:
         key = self.world.search_key(self._state)
         if key is None:
             return None
-        return key, tuple(sorted(self.ledger.calls.items()))
+        cache = self._cache if self.prompt_cache else None  # what the next call costs depends on it
+        return key, tuple(sorted(self.ledger.calls.items())), cache
 
     @property
     def action_mask(self) -> np.ndarray:

@@ -77,6 +77,9 @@ class EnvSection:
             ``obs["prompt"]``): the one window that synthesis, RL, evaluation and serving
             all show the router (written into checkpoints for the server).
         masked_action: ``error`` or ``remap`` (what a budget-masked action does).
+        prompt_cache: model each tier's prompt cache (RoutingEnv ``prompt_cache``): while
+            steps stay on a tier the history prefix is billed at the tier's
+            ``usd_per_1m_cached_input``; a switch loses it. Off by default.
 
     A recipe has one λ, ``rl.cost_lambda``: RoutingEnv's own reward shaping
     (``cost_lambda``, ``success_reward``) is for Gymnasium users and no stage reads it, so
@@ -85,6 +88,7 @@ class EnvSection:
 
     history_window: int = 4
     masked_action: str = "error"
+    prompt_cache: bool = False
 
 
 REMOVED_FIELDS = {  # fields a recipe may still carry, and where their meaning went
@@ -361,6 +365,7 @@ class Recipe:
         kwargs = {
             "history_window": self.env.history_window,
             "masked_action": self.env.masked_action,
+            "prompt_cache": self.env.prompt_cache,
             "split": split,
             **overrides,
         }
@@ -424,6 +429,15 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
         raise RecipeError(f"{where}: world must be a mapping with a kind field")
     world = dict(world)
     env = _section(EnvSection, data.get("env"), f"{where}: env")
+    if not isinstance(env.prompt_cache, bool):
+        raise RecipeError(f"{where}: env.prompt_cache must be true or false, got {env.prompt_cache!r}")
+    if env.prompt_cache and not pool.has_cached_prices:
+        raise RecipeError(f"{where}: env.prompt_cache is on but no tier of pool.tiers declares "
+                          "usd_per_1m_cached_input: add the cached-input price per tier (e.g. a tenth of its input "
+                          "price), or turn env.prompt_cache off")
+    if env.prompt_cache and world.get("kind") == "replay":
+        raise RecipeError(f"{where}: env.prompt_cache: a replay world's queries share no prompt prefix (each is "
+                          "its own prompt); turn env.prompt_cache off")
     evaluation = _section(EvalSection, data.get("eval"), f"{where}: eval")
     for policy in evaluation.policies:
         if policy not in POLICIES and not is_always_tier(policy, pool.names):

@@ -91,6 +91,15 @@ class World(ABC):
     def worst_case_tokens(self, state: Any, tier: Tier) -> tuple[int, int]:
         """Upper bounds (input, output) on the next call's tokens with ``tier``."""
 
+    models_prompt_prefix: bool = False  # prompt_prefix_tokens is defined (RoutingEnv's prompt_cache)
+
+    def prompt_prefix_tokens(self, state: Any) -> int:
+        """Tokens at the head of the next call's prompt that the call after it starts with
+        too (system prompt, task, history so far): what a tier's prompt cache would serve
+        to that later call if it stays on the tier. Worlds whose calls share a prefix set
+        ``models_prompt_prefix`` and define it."""
+        raise NotImplementedError(f"the {self.name!r} world does not model a prompt prefix")
+
     def worst_case_cost_usd(self, state: Any, tier: Tier) -> float:
         """Upper bound on the next call's dollar cost (used by the budget mask)."""
         return tier.cost_usd(*self.worst_case_tokens(state, tier))

@@ -279,6 +279,14 @@ class SyntheticWorld(World):
     def worst_case_tokens(self, state: SyntheticState, tier: Tier) -> tuple[int, int]:
         return self._prompt_tokens(state), self.config.max_output_tokens
 
+    models_prompt_prefix = True
+
+    def prompt_prefix_tokens(self, state: SyntheticState) -> int:
+        # the prompt is system + task + history + the current step's text; the next prompt
+        # appends this step's output and observation to the history, so all but the step
+        # text is its prefix
+        return self.config.system_tokens + state.task_tokens + state.history_tokens
+
     def _rng(self, state: SyntheticState, *stream: int) -> np.random.Generator:
         return np.random.default_rng([state.seed, state.position, state.attempt, *stream])
 

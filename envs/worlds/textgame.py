@@ -275,6 +275,17 @@ class TextGameWorld(World):
         return (self.config.system_tokens + count_tokens(state.task_text) + count_tokens(text)
                 + count_tokens(state.observation.text))
 
+    models_prompt_prefix = True
+
+    def prompt_prefix_tokens(self, state: TextGameState) -> int:
+        # system + task + the history window + the current observation; the next prompt
+        # keeps this window as its head only while the window is not full (then it slides
+        # and only system + task stay)
+        head = self.config.system_tokens + count_tokens(state.task_text)
+        if self.config.history_steps and len(state.history) < self.config.history_steps:
+            head += count_tokens(" ".join(f"> {c} {o}" for c, o in state.history))
+        return head
+
     def worst_case_tokens(self, state: TextGameState, tier: Tier) -> tuple[int, int]:
         return self.executors[tier.name].worst_case_tokens(self, state)
 

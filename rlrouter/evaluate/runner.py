@@ -30,6 +30,9 @@ class EpisodeRecord:
     budget_exhausted: bool
     violation: bool  # cost or calls above the budget (must never happen)
     taxonomy: str | None = None
+    switches: int = 0  # steps whose tier differs from the step before
+    input_tokens: int = 0
+    cached_tokens: int = 0  # input tokens billed at a cached price (env prompt_cache)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -58,6 +61,7 @@ def run_episode(env: RoutingEnv, policy, task_id: str, budget: Budget, seed: int
             break
     calls = dict(info["calls"])
     extra = {"oracle_found": policy.found} if hasattr(policy, "found") else {}
+    tiers = [tier for tier, _, _ in env.history]
     return EpisodeRecord(
         policy=policy.name,
         budget=budget.label,
@@ -68,6 +72,9 @@ def run_episode(env: RoutingEnv, policy, task_id: str, budget: Budget, seed: int
         steps=steps,
         budget_exhausted=bool(info["budget_exhausted"]),
         violation=budget_violated(budget, float(info["cost_usd"]), calls),
+        switches=sum(a != b for a, b in zip(tiers, tiers[1:])),
+        input_tokens=sum(env.ledger.input_tokens.values()),
+        cached_tokens=sum(env.ledger.cached_tokens.values()),
         extra=extra,
     )
 
@@ -96,7 +103,9 @@ def summarize(records: list[EpisodeRecord], top_tier: str, tiers: list[str] | No
     ``gap_recovered = (succ - succ_small) / (succ_large - succ_small)`` uses the unbudgeted
     always-small / always-large rows as the two boundaries; ``cost_vs_large`` divides the
     mean cost by unbudgeted always-large's; ``large_fraction`` is the priciest tier's share
-    of calls and ``tier_shares`` every tier's (in ``tiers`` order).
+    of calls and ``tier_shares`` every tier's (in ``tiers`` order); ``switch_rate`` the share
+    of consecutive step pairs on different tiers; ``cached_input_share`` the share of input
+    tokens billed at a cached price (0 unless the env models a prompt cache).
     """
     groups: dict[tuple[str, str], list[EpisodeRecord]] = defaultdict(list)
     for r in records:
@@ -132,6 +141,8 @@ def summarize(records: list[EpisodeRecord], top_tier: str, tiers: list[str] | No
             "tier_shares": {t: (sum(r.calls.get(t, 0) for r in group) / calls_total if calls_total else 0.0)
                             for t in (tiers or sorted({t for r in group for t in r.calls}))},
             "success_by_taxonomy": {label: mean(v) for label, v in sorted(by_label.items())},
+            "switch_rate": (sum(r.switches for r in group) / max(1, sum(max(r.steps - 1, 0) for r in group))),
+            "cached_input_share": (sum(r.cached_tokens for r in group) / max(1, sum(r.input_tokens for r in group))),
             "budget_violations": sum(r.violation for r in group),
             "budget_exhausted": sum(r.budget_exhausted for r in group),
             "gap_recovered": (

@@ -154,13 +154,19 @@ REPLY_LINES = {"think_route": "Reply <think>short reasoning</think><route>TIER</
                "route": "Reply <route>TIER</route>."}
 
 
+def price_text(tier: dict) -> str:
+    """``$0.40/$1.60 per 1M tokens`` (input/output), with the cached-input price where the
+    tier declares one: a router that sees it can learn that staying on a tier is cheaper."""
+    text = f"${tier['usd_per_1m_input']:.2f}/${tier['usd_per_1m_output']:.2f} per 1M tokens"
+    if tier.get("usd_per_1m_cached_input") is not None:
+        text += f" (cached input ${tier['usd_per_1m_cached_input']:.2f}, while steps stay on it)"
+    return text
+
+
 def system_message(pool_descriptors: list[dict], turn_format: str = "think_route") -> str:
     lines = ["You route each step of an agent to one model of the pool, within the task's budget.", "Pool:"]
     for tier in pool_descriptors:
-        lines.append(
-            f"- {tier['name']}: ${tier['usd_per_1m_input']:.2f}/${tier['usd_per_1m_output']:.2f} per 1M tokens. "
-            f"{tier.get('descriptor', '')}".rstrip()
-        )
+        lines.append(f"- {tier['name']}: {price_text(tier)}. {tier.get('descriptor', '')}".rstrip())
     lines.append(REPLY_LINES[turn_format])
     return "\n".join(lines)
 
@@ -361,8 +367,7 @@ def parse_chat_turn(text: str, tiers: list[str]) -> dict | None:
 def chat_system_message(pool_descriptors: list[dict]) -> str:
     lines = ["You answer a request by consulting the models of a pool, within the request's budget.", "Pool:"]
     for tier in pool_descriptors:
-        lines.append(f"- {tier['name']}: ${tier['usd_per_1m_input']:.2f}/${tier['usd_per_1m_output']:.2f} per 1M "
-                     f"tokens. {tier.get('descriptor', '')}".rstrip())
+        lines.append(f"- {tier['name']}: {price_text(tier)}. {tier.get('descriptor', '')}".rstrip())
     lines.append("Each turn: <think>short reasoning</think> then either "
                  "<route tier=\"TIER\">sub-query</route> (the reply comes back in <information>…</information>; "
                  "an empty sub-query sends the whole request) or <answer>final answer</answer> "

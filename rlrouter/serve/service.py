@@ -319,7 +319,9 @@ class RouterService:
 
 def pool_descriptors(config: ServeConfig, checkpoint_meta: dict[str, Any]) -> list[dict]:
     """The pool as the router prompt shows it: the serving prices, and each tier's
-    descriptor from the pool config or, when it has none, from the checkpoint."""
+    descriptor from the pool config or, when it has none, from the checkpoint. A cached-input
+    price is shown only when the checkpoint was trained with one (its prompt never had it
+    otherwise)."""
     trained = {t["name"]: t for t in checkpoint_meta.get("pool", [])}
     names = set(config.pool.names)
     if trained and names != set(trained):
@@ -329,4 +331,7 @@ def pool_descriptors(config: ServeConfig, checkpoint_meta: dict[str, Any]) -> li
     for tier in described:
         if not tier["descriptor"]:
             tier["descriptor"] = trained.get(tier["name"], {}).get("descriptor", "")
+        if trained and "usd_per_1m_cached_input" not in trained.get(tier["name"], {}):
+            # billed at it all the same; shown only to routers trained with cached prices
+            tier.pop("usd_per_1m_cached_input", None)
     return described
