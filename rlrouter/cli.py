@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from envs.budget import parse_budget_arg
 
@@ -178,6 +179,16 @@ def _check(args) -> int:
     return 0
 
 
+def _traffic(args) -> int:
+    from rlrouter.config import load_recipe
+    from rlrouter.serve.traffic import print_report, traffic_data
+
+    recipe = load_recipe(args.recipe)
+    report = traffic_data(args.log, recipe, args.out)
+    print_report(report, Path(args.out))
+    return 0
+
+
 def _serve(args) -> int:
     from rlrouter.serve import serve
 
@@ -273,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip vLLM's graph compilation (starts faster; for small routers on CPU and for tests)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("traffic", help="the gateway's traffic log (tasks with outcomes) as a replay table and SFT data")
+    p.add_argument("log", nargs="+", help="the JSONL file(s) of server.traffic_log (one per replica)")
+    p.add_argument("--recipe", required=True, help="the recipe the next router trains with (its pool and tiers)")
+    p.add_argument("--out", required=True, help="output folder: replay.jsonl, dataset/ (for rlrouter sft "
+                                                "--synth-dir), report.json")
+    p.set_defaults(func=_traffic)
 
     p = sub.add_parser("check", help="validate a recipe")
     p.add_argument("recipe")

@@ -206,6 +206,7 @@ class Step:
     started: float  # when the gateway began reading the request
     failed_tiers: list[dict]
     upstream_s: float = 0.0  # time spent waiting on tiers (the pool), fallbacks included
+    budget: dict | None = None  # the task's budget (for the traffic log)
 
 
 class TrafficLog:
@@ -266,7 +267,7 @@ class Gateway:
             if reserved is not None:
                 rid, pico, tokens = reserved
                 return Step(task_id, len(state.steps), tier, rid, pico, tokens, dict(body, _limit_key=limit_key),
-                            decision, began, [])
+                            decision, began, [], budget=state.budget.to_dict())
         raise GatewayError(402, f"task {task_id!r}: concurrent steps reserved what is left of its budget "
                                 f"{state.budget.label}", param="budget", code="budget_exhausted")
 
@@ -393,7 +394,7 @@ class Gateway:
                         "step_prompt": step.decision["step_prompt"], "malformed": step.decision["malformed"],
                         "decision_s": step.decision["seconds"], "upstream_s": step.upstream_s,
                         "latency_s": time.perf_counter() - step.started,
-                        "failed_tiers": step.failed_tiers, "settled": bool(settled), **record})
+                        "failed_tiers": step.failed_tiers, "budget": step.budget, "settled": bool(settled), **record})
         return {**record, "settled": settled}
 
     async def headers(self, step: Step) -> dict:
