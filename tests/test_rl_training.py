@@ -167,6 +167,10 @@ def test_sequences_without_advantage_skip_the_update_and_the_gradient_is_the_sam
     advantages, returns = ESTIMATORS["bopo"](trainer.score(groups, rollouts), recipe.rl)
     batch = build_batch(rollouts, trainer.tokenizer, trainer.prompt_mode)
     batch.set_targets(advantages, returns, None)
+    # plain SGD, so each weight moves by lr × its (clipped) gradient: comparing the moves compares
+    # the gradients (Adam's 1/sqrt(v) would blow float noise up to full steps wherever a gradient
+    # is ~0 — a key bias, whose gradient is exactly 0 in exact arithmetic)
+    trainer.optimizer = torch.optim.SGD([{"params": g["params"]} for g in trainer.optimizer.param_groups], lr=1.0)
     start = copy.deepcopy((trainer.model.state_dict(), trainer.optimizer.state_dict()))
     results = {}
     for skip in (True, False):
@@ -179,8 +183,10 @@ def test_sequences_without_advantage_skip_the_update_and_the_gradient_is_the_sam
     assert 0 < results[True][0] < 1 and results[False][0] == 1.0  # tree credit left some turns at 0
     moved = [k for k, v in results[False][1].items() if not torch.equal(v, start[0][k])]
     assert moved
-    for key in moved:
-        torch.testing.assert_close(results[True][1][key], results[False][1][key], rtol=1e-4, atol=1e-5)
+    largest = max(float((results[False][1][k] - start[0][k]).abs().max()) for k in moved)
+    for key in moved:  # the same moves, up to float summation order; a skip that dropped a sequence
+        # with an advantage, or changed the normalization, differs by a sizeable part of a move
+        torch.testing.assert_close(results[True][1][key], results[False][1][key], rtol=0, atol=1e-4 * largest)
 
 
 def _metrics_without_timing(path: Path) -> list[dict]:

@@ -43,11 +43,13 @@ if __name__ == "__main__":
                         load_boundaries(Path(synth_dir) / "boundary.json"), recipe.pool.names, out_dir,
                         {"pool": recipe.pool.describe()}, seed=0, engine=engine)
     metrics = trainer.iterate()  # rollouts on vLLM, update, weights pushed into vLLM
-    # two more updates from transformers rollouts (seeded, so the weights surely move far
-    # enough to change greedy routes), pushed into vLLM the same way
+    # more updates from transformers rollouts (seeded) until the greedy routes differ from the
+    # stale ones — a confident SFT router can take a few — then pushed into vLLM the same way
     trainer.rollouts = LocalRollouts(RolloutWorker(HFEngine(model, tok, recipe.pool.names, 32), make_env, "step"))
-    trainer.iterate()
-    trainer.iterate()
+    for _ in range(8):
+        trainer.iterate()
+        if routes(HFEngine(model, tok, recipe.pool.names, 32)) != stale:
+            break
     engine.load_weights(model)
     changed = any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     hf = routes(HFEngine(model, tok, recipe.pool.names, 32))
