@@ -481,6 +481,23 @@ def test_a_langgraph_agent_runs_its_tool_calls_through_the_gateway_under_its_tas
     assert result["messages"][-1].content.startswith(f"[{calls[-1]['model']}]")
     assert_routes_match_the_in_process_router(gw, traffic(gw, "lg-1"))
 
+    # the outcome, posted to the other replica, makes the task training data (rlrouter traffic)
+    from datasets import load_from_disk
+
+    from conftest import TINY
+    from rlrouter.config import recipe_from_dict
+    from rlrouter.serve.traffic import traffic_data
+
+    posted = httpx.post(f"{gw['servers'][1]['base']}/v1/tasks/lg-1/outcome", json={"success": True}, headers=auth())
+    assert posted.status_code == 200, posted.text
+    out = gw["root"] / "lg-data"
+    traffic_data([s["log"] for s in gw["servers"]], recipe_from_dict(TINY), out)
+    rows = [r for r in map(json.loads, (out / "replay.jsonl").read_text().splitlines()) if r["task"] == "lg-1"]
+    assert [r["tier"] for r in rows] == [s["tier"] for s in state["steps"]] and all(r["success"] for r in rows)
+    assert round(sum(r["cost_usd"] for r in rows) * PICO) == round(state["spent_usd"] * PICO)
+    [chat] = [c for c in load_from_disk(str(out / "dataset")) if c["task_id"] == "lg-1"]
+    assert chat["steps"] == 3 and [m["role"] for m in chat["messages"]] == ["system"] + ["user", "assistant"] * 3
+
 
 @pytest.mark.slow
 def test_an_openai_agents_sdk_agent_streams_through_the_gateway_with_a_derived_task_id(gateways):

@@ -147,6 +147,36 @@ def test_evaluation_counts_switches_and_the_cached_share_of_input():
     assert row["switch_rate"] == 2 / 4 and row["cached_input_share"] == pytest.approx(2120 / 6000)
 
 
+class ScriptedEngine:
+    """A router engine that writes a fixed route, one turn per step (one episode per batch)."""
+
+    def __init__(self, tokenizer, tiers, route):
+        from rlrouter.router.prompt import RouterFormat
+
+        self.tokenizer, self.tiers, self.format, self.route = tokenizer, tiers, RouterFormat(), list(route)
+
+    def generate(self, prompts, allowed, **_):
+        from rlrouter.router.generation import Generation
+        from rlrouter.router.prompt import format_route
+
+        return [Generation(self.tokenizer(format_route(self.route.pop(0), "go"), add_special_tokens=False)["input_ids"])
+                for _ in prompts]
+
+
+def test_a_router_policys_records_count_switches_and_cached_input_like_the_baselines():
+    from envs.budget import Budget
+    from rlrouter.evaluate.router_policy import RouterPolicy
+    from rlrouter.router.model import train_tokenizer
+
+    route = ["small", "small", "large", "large", "small"]
+    tokenizer = train_tokenizer(["route small large think go step line task"], vocab_size=300)
+    policy = RouterPolicy(None, tokenizer, POOL.names, batch_size=1, engine=ScriptedEngine(tokenizer, POOL.names, route))
+    [record] = policy.play(lambda: RoutingEnv(LineWorld(POOL), prompt_cache=True), [("t0", Budget(), 0)],
+                           progress=False)
+    assert (record.switches, record.input_tokens, record.cached_tokens) == (2, 6000, 2120)  # as computed above
+    assert record.cost_usd == pytest.approx(5006.4e-6)
+
+
 def test_a_recipe_turning_the_cache_on_needs_cached_prices_and_a_world_with_a_prefix():
     tiers = [{"name": "small", "usd_per_1m_input": 0.4, "usd_per_1m_output": 1.6},
              {"name": "large", "usd_per_1m_input": 2.0, "usd_per_1m_output": 8.0}]

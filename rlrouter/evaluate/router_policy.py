@@ -64,6 +64,9 @@ class RouterPolicy:
                     cost_usd=float(info["cost_usd"]), calls=calls, steps=len(rollout.turns),
                     budget_exhausted=bool(info["budget_exhausted"]),
                     violation=budget_violated(spec.budget, float(info["cost_usd"]), calls),
+                    switches=sum(a != b for a, b in zip(rollout.played, rollout.played[1:])),
+                    input_tokens=sum(rollout.ledger["input_tokens"].values()),
+                    cached_tokens=sum(rollout.ledger["cached_tokens"].values()),
                     extra={"well_formed": 1.0 - rollout.malformed_fraction, "turns": len(rollout.turns)},
                 ))
             bar.update(len(specs))

@@ -59,6 +59,8 @@ class Rollout:
     spec: EpisodeSpec
     turns: list[RouterTurn] = field(default_factory=list)
     info: dict = field(default_factory=dict)  # RoutingEnv's final info
+    played: list[str] = field(default_factory=list)  # the tier the environment ran at each step
+    ledger: dict = field(default_factory=dict)  # the episode's CostLedger.summary() (tokens by tier)
 
     @property
     def success(self) -> bool:
@@ -147,6 +149,8 @@ def play_episodes(engine, make_env: Callable[[], RoutingEnv], specs: list[Episod
             env_s += time.perf_counter() - env_start
             if terminated or truncated:
                 rollouts[i].info = infos[i]
+                rollouts[i].played = [name for name, _, _ in envs[i].history]
+                rollouts[i].ledger = envs[i].ledger.summary()
                 envs[i].close()  # gives a text game's session back for the next episodes
                 bar.update(1)
                 continue
