@@ -121,3 +121,27 @@ def test_as_router_makes_the_format_tags_single_tokens_from_their_pieces(convert
     layer = sum(p.numel() for p in model.model.layers[-1].parameters())
     assert trainable == 2 * layer + model.model.norm.weight.numel()
     assert not model.get_input_embeddings().weight.requires_grad
+
+
+@needs_wheel
+@pytest.mark.slow
+def test_vllm_gives_the_base_routers_greedy_routes_as_transformers(converted, tmp_path):
+    """The converted base made a router (route-only turns), saved as a checkpoint, plays the
+    same synthetic episodes on the in-process vLLM engine and on transformers: the same tier
+    at every step, and the same log-probability of each constrained turn."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "routes.json"
+    script = Path(__file__).with_name("vllm_base_routes.py")
+    done = subprocess.run([sys.executable, str(script), str(converted[0]), str(tmp_path), str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["vllm_routes"] == result["hf_routes"]
+    steps = [tier for episode in result["hf_routes"] for tier in episode]
+    assert len(steps) >= 16 and set(steps) <= set(result["tiers"])
+    for hf, vllm in zip(result["hf_logprobs"], result["vllm_logprobs"]):
+        assert vllm == pytest.approx(hf, abs=2e-3)

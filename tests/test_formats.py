@@ -233,3 +233,51 @@ def test_three_tiers_with_route_only_turns_run_synth_sft_rl_and_evaluation(tmp_p
     calls = np.sum([[r.calls.get(t, 0) for t in recipe.pool.names] for r in records], axis=0)
     assert calls.sum() > 0 and calls[2] <= len(records)  # the large cap holds
     assert all(r.extra["well_formed"] == 1.0 for r in records)  # the constraint writes <route>TIER</route>, nothing else
+
+    # served: `rlrouter serve` on the three-tier checkpoint gives transformers' greedy routes
+    # for the same env states, and allows exactly the tiers each state's budget can pay for
+    import os
+    import sys
+
+    import httpx
+    import yaml
+
+    from conftest import start_http_server, stop_http_server
+    from rlrouter.router.generation import HFEngine
+    from rlrouter.router.prompt import step_user_message
+    from rlrouter.serve.local_pool import LocalPoolServer, free_port
+    from rlrouter.serve.service import route_request
+
+    env, rng, views = recipe.make_env("test"), np.random.default_rng(3), []
+    for episode in range(6):
+        caps = [{"large": 1}, {"medium": 0}, {"large": 0, "medium": 1}][episode % 3]
+        env.reset(seed=episode, options={"budget": Budget(max_calls=caps)})
+        for _ in range(3):
+            views.append(env.view())
+            _, _, done, truncated, _ = env.step(int(rng.choice(np.flatnonzero(env.view()["action_mask"]))))
+            if done or truncated:
+                break
+    fmt = policy.engine.format
+    engine = HFEngine(model, tokenizer, recipe.pool.names, 8, format=fmt)
+    system = {"role": "system", "content": fmt.system(recipe.pool.describe())}
+    masks = [[t for t, m in zip(recipe.pool.names, v["action_mask"]) if m] for v in views]
+    prompts = fmt.prompt_ids(tokenizer, [[system, {"role": "user", "content": step_user_message(v)}] for v in views])
+    hf = [fmt.parse(tokenizer.decode(g.ids, skip_special_tokens=True), recipe.pool.names, "small")[0].tier
+          for g in engine.generate(prompts, masks)]
+    with LocalPoolServer() as pool:
+        (tmp_path / "pool.yaml").write_text(yaml.safe_dump({"pool": [
+            {"name": t["name"], "base_url": pool.base_url, "model": f"{t['name']}-model",
+             "usd_per_1m_input": t["usd_per_1m_input"], "usd_per_1m_output": t["usd_per_1m_output"]} for t in tiers]}))
+        port = free_port()
+        proc, log = start_http_server([sys.executable, "-m", "rlrouter", "serve", "--checkpoint", str(rl), "--pool",
+                                       str(tmp_path / "pool.yaml"), "--port", str(port), "--max-model-len", "1024",
+                                       "--enforce-eager"], {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+                                      tmp_path / "serve.log", f"http://127.0.0.1:{port}/health")
+        try:
+            served = [httpx.post(f"http://127.0.0.1:{port}/v1/route", json=route_request(v), timeout=120).json()
+                      for v in views]
+        finally:
+            stop_http_server(proc, log)
+    assert [r["allowed_tiers"] for r in served] == masks
+    assert {"small", "medium"} <= {t for m in masks for t in m} and any("large" not in m for m in masks)
+    assert [r["tier"] for r in served] == hf
