@@ -126,9 +126,10 @@ def test_as_router_makes_the_format_tags_single_tokens_from_their_pieces(convert
 @needs_wheel
 @pytest.mark.slow
 def test_vllm_gives_the_base_routers_greedy_routes_as_transformers(converted, tmp_path):
-    """The converted base made a router (route-only turns), saved as a checkpoint, plays the
-    same synthetic episodes on the in-process vLLM engine and on transformers: the same tier
-    at every step, and the same log-probability of each constrained turn."""
+    """The converted base made a router (route-only turns), saved as a checkpoint: vLLM's
+    greedy routes equal transformers' on step prompts whose histories mix the tiers. (With
+    the regex alone vLLM chose small on all 44 where transformers chose large on 12: a BPE
+    base can spell ``large`` as ``l`` + ``arge``; the canonical spelling is now enforced.)"""
     import json
     import subprocess
     import sys
@@ -141,7 +142,6 @@ def test_vllm_gives_the_base_routers_greedy_routes_as_transformers(converted, tm
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["vllm_routes"] == result["hf_routes"]
-    steps = [tier for episode in result["hf_routes"] for tier in episode]
-    assert len(steps) >= 16 and set(steps) <= set(result["tiers"])
-    for hf, vllm in zip(result["hf_logprobs"], result["vllm_logprobs"]):
-        assert vllm == pytest.approx(hf, abs=2e-3)
+    assert {"small", "large"} <= set(result["hf_routes"])  # the states' routes differ: a real comparison
+    assert all(tier in allowed for tier, allowed in zip(result["hf_routes"], result["allowed"]))
+    assert any(allowed == ["small"] for allowed in result["allowed"])  # some states had large capped out

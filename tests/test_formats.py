@@ -42,6 +42,17 @@ def test_route_only_turns_parse_strictly_and_match_the_regex():
     assert fmt.system([{"name": "small", "usd_per_1m_input": 1, "usd_per_1m_output": 2}]).endswith(REPLY_LINES["route"])
 
 
+def test_route_only_turns_allow_only_the_canonical_spelling_of_each_tier():
+    # vocab ids: 0 end of turn, 3 <route>, 4 </route>; "medium" is spelled 8 + 9 ("med" "ium"),
+    # and the pieces 10, 11 ("l", "arge") spell "large" another way, which is never allowed
+    vocab = ["<|im_end|>", "<think>", "</think>", "<route>", "</route>", "small", "medium", "large", "med", "ium",
+             "l", "arge"]
+    tok = ListTokenizer(vocab, pieces={"medium": [8, 9]})
+    assert RouterFormat("route").route_token_ids(tok, ["small", "medium"]) == [0, 3, 4, 5, 8, 9]
+    assert RouterFormat("route").route_token_ids(tok, ["large"]) == [0, 3, 4, 7]
+    assert RouterFormat().route_token_ids(tok, ["small", "large"]) is None  # think text is free
+
+
 def test_route_only_constraint_opens_with_the_route_tag():
     from rlrouter.router.generation import RouteConstraint
 

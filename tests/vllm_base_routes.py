@@ -1,6 +1,7 @@
 """Greedy routes of the smollm2-135m base, made a router (format tags added, route-only turns)
-and saved as a checkpoint, on the in-process vLLM engine and on transformers, over the same
-synthetic episodes: for tests/test_bases.py.
+and saved as a checkpoint, on the in-process vLLM engine and on transformers, for the same
+step prompts (synthetic episodes played by a seeded random policy under call caps): for
+tests/test_bases.py.
 
 usage: python tests/vllm_base_routes.py CACHE_DIR OUT_DIR OUT.json
 Runs as a script: vLLM's engine needs a ``__main__`` guard.
@@ -11,14 +12,15 @@ import sys
 from pathlib import Path
 
 if __name__ == "__main__":
+    import numpy as np
+
     from envs import Budget
     from rlrouter.config import recipe_from_dict
     from rlrouter.router.bases import resolve_base
     from rlrouter.router.checkpoint import load_router, save_checkpoint
-    from rlrouter.router.episodes import EpisodeSpec, play_episodes
     from rlrouter.router.generation import HFEngine, VLLMEngine
     from rlrouter.router.model import as_router
-    from rlrouter.router.prompt import RouterFormat
+    from rlrouter.router.prompt import RouterFormat, step_user_message
 
     cache, out_dir, out_path = sys.argv[1:4]
     recipe = recipe_from_dict({"name": "base-routes", "world": {"kind": "synthetic", "n_train": 8, "n_test": 8,
@@ -28,15 +30,22 @@ if __name__ == "__main__":
     checkpoint = save_checkpoint(model, tok, Path(out_dir) / "router",
                                  {"pool": recipe.pool.describe(), "router": {"format": fmt.to_dict()}})
     tiers = recipe.pool.names
-    make_env = lambda: recipe.make_env("test")  # noqa: E731
-    specs = [EpisodeSpec(f"test-{i}", Budget(), seed=100 + i) for i in range(8)]
+    # step prompts of states reached by a seeded random policy: their histories mix the tiers
+    env, rng, views = recipe.make_env("test"), np.random.default_rng(0), []
+    for episode in range(12):
+        env.reset(seed=100 + episode, options={"budget": Budget(max_calls={"large": 1 + episode % 3})})
+        done = truncated = False
+        while not (done or truncated):
+            views.append(env.view())
+            _, _, done, truncated, _ = env.step(int(rng.choice(np.flatnonzero(env.view()["action_mask"]))))
+    system = {"role": "system", "content": fmt.system(recipe.pool.describe())}
+    prompts = fmt.prompt_ids(tok, [[system, {"role": "user", "content": step_user_message(v)}] for v in views])
+    allowed = [[t for t, m in zip(tiers, v["action_mask"]) if m] for v in views]
 
     def routes(engine):
-        played = play_episodes(engine, make_env, specs, logprobs=True)
-        return ([[t.tier for t in r.turns] for r in played],
-                [[sum(t.logprobs) for t in r.turns] for r in played])
+        return [fmt.parse(tok.decode(g.ids, skip_special_tokens=True), tiers, row[0])[0].tier
+                for g, row in zip(engine.generate(prompts, allowed), allowed)]
 
-    hf_routes, hf_logprobs = routes(HFEngine(model.eval(), tok, tiers, max_new_tokens=8, format=fmt))
-    vllm_routes, vllm_logprobs = routes(VLLMEngine(str(checkpoint), tok, tiers, max_new_tokens=8, format=fmt))
-    Path(out_path).write_text(json.dumps({"tiers": tiers, "hf_routes": hf_routes, "vllm_routes": vllm_routes,
-                                          "hf_logprobs": hf_logprobs, "vllm_logprobs": vllm_logprobs}))
+    hf = routes(HFEngine(model.eval(), tok, tiers, max_new_tokens=8, format=fmt))
+    vllm = routes(VLLMEngine(str(checkpoint), tok, tiers, max_new_tokens=8, format=fmt))
+    Path(out_path).write_text(json.dumps({"tiers": tiers, "allowed": allowed, "hf_routes": hf, "vllm_routes": vllm}))

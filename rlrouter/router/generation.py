@@ -220,13 +220,14 @@ def vllm_environment(in_process: bool) -> None:
 
 
 def sampling_params(regex: str | None, max_tokens: int, temperature: float, logprobs: bool = False,
-                    skip_special_tokens: bool = True):
-    """vLLM sampling parameters of one router turn, decoded under ``regex`` when given."""
+                    skip_special_tokens: bool = True, allowed_token_ids: list[int] | None = None):
+    """vLLM sampling parameters of one router turn, decoded under ``regex`` when given and
+    restricted to ``allowed_token_ids`` when given (``RouterFormat.route_token_ids``)."""
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
     return SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=0 if logprobs else None,
-                          skip_special_tokens=skip_special_tokens,
+                          skip_special_tokens=skip_special_tokens, allowed_token_ids=allowed_token_ids,
                           structured_outputs=StructuredOutputsParams(regex=regex) if regex else None)
 
 
@@ -270,7 +271,9 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         params = [sampling_params(self.format.regex(row_allowed) if constrain else None, self.max_new_tokens,
-                                  temperature if sample else 0.0, logprobs=logprobs, skip_special_tokens=False)
+                                  temperature if sample else 0.0, logprobs=logprobs, skip_special_tokens=False,
+                                  allowed_token_ids=self.format.route_token_ids(self.tokenizer, row_allowed)
+                                  if constrain else None)
                   for row_allowed in allowed]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         result = []
@@ -306,10 +309,10 @@ class AsyncRouterEngine:
             gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, enable_log_requests=False))
 
     async def generate(self, prompt_ids: list[int], regex: str, max_tokens: int, temperature: float = 0.0,
-                       request_id: str | None = None) -> EngineOutput:
+                       request_id: str | None = None, allowed_token_ids: list[int] | None = None) -> EngineOutput:
         from vllm.inputs import TokensPrompt
 
-        params = sampling_params(regex, max_tokens, temperature)
+        params = sampling_params(regex, max_tokens, temperature, allowed_token_ids=allowed_token_ids)
         final = None
         async for output in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params,
                                               request_id or uuid.uuid4().hex):

@@ -289,6 +289,21 @@ class RouterFormat:
     def regex(self, allowed: list[str]) -> str:
         return route_regex(allowed, self.turn_format)
 
+    def route_token_ids(self, tokenizer, allowed: list[str]) -> list[int] | None:
+        """Route-only turns: the only tokens the turn may use — ``<route>``, each allowed
+        tier's own tokenization, ``</route>``, the end of turn. vLLM decodes under the regex
+        *and* this set, so the tier is spelled as training spelled it: the regex alone lets a
+        BPE base write ``large`` as ``l`` + ``arge`` and split the tier's mass over spellings
+        (transformers' ``RouteConstraint`` already allows only the canonical one). ``None``
+        for think/route turns (the think text is free)."""
+        if self.turn_format != "route":
+            return None
+        ids = {tokenizer.convert_tokens_to_ids(ROUTE_OPEN), tokenizer.convert_tokens_to_ids(ROUTE_CLOSE),
+               tokenizer.eos_token_id}
+        for tier in allowed:
+            ids.update(tokenizer.encode(tier, add_special_tokens=False))
+        return sorted(ids)
+
     def fit(self, tokenizer, messages: list[dict]) -> list[dict]:
         """``messages`` whose rendered prompt (generation prompt included) has at most
         ``max_prompt_tokens`` tokens: the last user message is cut in the middle. Raises

@@ -192,7 +192,8 @@ class RouterService:
                                  f"{self.config.router_max_tokens} it does not fit the router's context of "
                                  f"{self.engine.max_model_len} (shorten task, next_step or the history's observations)")
         out = await self.engine.generate(ids, self.format.regex(allowed), self.config.router_max_tokens,
-                                         float(request.get("temperature", 0.0)))
+                                         float(request.get("temperature", 0.0)),
+                                         allowed_token_ids=self.format.route_token_ids(self.tokenizer, allowed))
         parsed, well_formed = self.format.parse(out.text, allowed, fallback=allowed[0])
         malformed = not well_formed
         if malformed:
