@@ -73,8 +73,7 @@ def main() -> None:
     rng = np.random.default_rng(recipe.seed)
     rows = {split: np.sort(rng.choice(world._rows[split], min(n, len(world._rows[split])), replace=False))
             for split, n in (("train", args.train), ("test", args.test))}
-    chars = getattr(world.config, "prompt_chars", 4000)
-    texts = {s: [table.prompts[r][:chars] for r in rows[s]] for s in rows}
+    texts = {s: [table.prompts[r][:world.config.prompt_chars] for r in rows[s]] for s in rows}
     cheap = {s: table.correct[cheap_model][rows[s]] for s in rows}
     strong = {s: table.correct[strong_model][rows[s]] for s in rows}
     label = {s: strong[s] & ~cheap[s] for s in rows}
