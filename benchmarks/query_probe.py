@@ -71,7 +71,7 @@ def main() -> None:
     table = world.table
     cheap_model, strong_model = world.models[recipe.pool.names[0]], world.models[recipe.pool.names[-1]]
     rng = np.random.default_rng(recipe.seed)
-    rows = {split: np.sort(rng.choice(world._rows[split], min(n, len(world._rows[split])), replace=False))
+    rows = {split: np.sort(rng.choice(world.split_rows(split), min(n, len(world.split_rows(split))), replace=False))
             for split, n in (("train", args.train), ("test", args.test))}
     texts = {s: [table.prompts[r][:world.config.prompt_chars] for r in rows[s]] for s in rows}
     cheap = {s: table.correct[cheap_model][rows[s]] for s in rows}

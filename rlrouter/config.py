@@ -120,8 +120,9 @@ class EvalSection:
         boundary_k: always-small / always-large runs per task for the taxonomy.
         taxonomy_threshold: θ of the taxonomy (easy: s_S ≥ θ; hard: s_S < θ ≤ s_L).
         oracle_max_expansions: search nodes per episode for the hindsight oracle.
-        router_bias: route biases (log-odds added to the priciest tier at the route token)
-            at which a router checkpoint is evaluated; each is one frontier point.
+        router_bias: route biases b at which a router checkpoint is evaluated, each one
+            frontier point: the cheapest allowed tier whose cumulative probability (tiers in
+            price order) reaches sigmoid(b); 0 = plain greedy (``RouteConstraint``).
         embedding: the embedding routers' settings (``EmbeddingSection``).
         bootstrap: resamples of the tasks for the APGR / CPT intervals.
         out_dir: where results JSON, table and PNG go (default ``runs/<name>/eval``).

@@ -211,3 +211,20 @@ def greedy_turns(model, tokenizer, tiers: list[str], conversations: list[list[di
     generations = engine.generate(batch_prompt_token_ids(tokenizer, conversations), allowed, constrain=constrain)
     texts = [tokenizer.decode(g.ids, skip_special_tokens=True) for g in generations]
     return [(text, parse_route(text, tiers, row[0])[0].tier) for text, row in zip(texts, allowed)]
+
+
+def random_policy_views(env, episodes: list[tuple[int, object, int | None]], seed: int) -> list[dict]:
+    """Router views of the states a seeded random policy reaches, so their histories mix the
+    tiers. ``episodes``: one (reset seed, budget, most views or None for the whole episode)
+    per episode; every step picks uniformly among the tiers the state's mask allows."""
+    import numpy as np
+
+    rng, views = np.random.default_rng(seed), []
+    for reset_seed, budget, most in episodes:
+        env.reset(seed=reset_seed, options={"budget": budget})
+        taken, done, truncated = 0, False, False
+        while not (done or truncated) and (most is None or taken < most):
+            views.append(env.view())
+            _, _, done, truncated, _ = env.step(int(rng.choice(np.flatnonzero(env.view()["action_mask"]))))
+            taken += 1
+    return views

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rlrouter.evaluate.curves import apgr, cpt, family, family_curves
+from rlrouter.evaluate.curves import apgr, cpt, family, family_curves, frontier_gap, upper_frontier
 from rlrouter.evaluate.runner import EpisodeRecord
 
 
@@ -76,3 +76,18 @@ def test_family_curves_from_records_by_hand():
 def test_no_curves_without_the_unbudgeted_boundaries():
     records = _records("always-small", "usd=1", [1, 0], [0, 0]) + _records("knob(v=1)", "usd=1", [1, 1], [1, 1])
     assert family_curves(records, "large", resamples=5) == []
+
+
+def test_upper_frontier_keeps_the_concave_envelope_up_to_the_best_success():
+    # (2, 0.6) lies under the chord (1, 0.5)-(2.5, 0.9) (0.767 there); (1, 0.2) under (1, 0.5);
+    # (3, 0.55) is dearer than the best point.
+    x, y = upper_frontier([0, 1, 2, 3, 1, 2.5], [0, 0.5, 0.6, 0.55, 0.2, 0.9])
+    assert x.tolist() == [0, 1, 2.5] and y.tolist() == [0, 0.5, 0.9]
+
+
+def test_frontier_gap_at_equal_cost_by_hand():
+    a = (np.array([0.0, 1.0]), np.array([0.0, 1.0]))  # success = cost up to 1
+    b = (np.array([0.0, 2.0]), np.array([0.0, 1.0]))  # success = cost / 2 up to 2
+    mean, low, high = frontier_gap(a, b, n_grid=2001)
+    # on [0, 2]: gap = c/2 on [0, 1], 1 - c/2 on [1, 2]; mean = (0.25 + 0.25) / 2 = 0.25
+    assert abs(mean - 0.25) < 1e-3 and low == 0.0 and abs(high - 0.5) < 1e-12

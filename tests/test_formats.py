@@ -12,7 +12,7 @@ from rlrouter.boundary.synthesis import cheapest_successful, draw_tier, strata, 
 from rlrouter.config import RecipeError, recipe_from_dict
 from rlrouter.router.prompt import (CUT_MARKER, REPLY_LINES, RouteFormatError, RouterFormat, cut_middle,
                                     parse_strict, prompt_token_ids)
-from conftest import ListTokenizer
+from conftest import ListTokenizer, random_policy_views
 
 WORDS = [f"w{i}" for i in range(400)]
 
@@ -259,15 +259,9 @@ def test_three_tiers_with_route_only_turns_run_synth_sft_rl_and_evaluation(tmp_p
     from rlrouter.serve.local_pool import LocalPoolServer, free_port
     from rlrouter.serve.service import route_request
 
-    env, rng, views = recipe.make_env("test"), np.random.default_rng(3), []
-    for episode in range(6):
-        caps = [{"large": 1}, {"medium": 0}, {"large": 0, "medium": 1}][episode % 3]
-        env.reset(seed=episode, options={"budget": Budget(max_calls=caps)})
-        for _ in range(3):
-            views.append(env.view())
-            _, _, done, truncated, _ = env.step(int(rng.choice(np.flatnonzero(env.view()["action_mask"]))))
-            if done or truncated:
-                break
+    caps = [{"large": 1}, {"medium": 0}, {"large": 0, "medium": 1}]
+    views = random_policy_views(recipe.make_env("test"), [(e, Budget(max_calls=caps[e % 3]), 3) for e in range(6)],
+                                seed=3)
     fmt = policy.engine.format
     engine = HFEngine(model, tokenizer, recipe.pool.names, 8, format=fmt)
     system = {"role": "system", "content": fmt.system(recipe.pool.describe())}

@@ -5,7 +5,6 @@ import glob
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -73,6 +72,11 @@ def test_train_and_test_rows_are_disjoint(mmlu_table):
     train = {r for i in range(300) for r in w.rows_of(f"train-{i}")}
     test = {r for i in range(100) for r in w.rows_of(f"test-{i}")}
     assert not train & test
+    assert train <= set(w.split_rows("train").tolist()) and test <= set(w.split_rows("test").tolist())
+    assert len(w.split_rows("train")) + len(w.split_rows("test")) == len(mmlu_table)
+    assert not set(w.split_rows("train").tolist()) & set(w.split_rows("test").tolist())
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        w.split_rows("dev")
 
 
 def generic_rows():

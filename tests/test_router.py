@@ -2,6 +2,7 @@
 the route constraint (the trained router's tests are in test_router_trained.py)."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -136,8 +137,8 @@ def test_route_constraint_keeps_the_turn_in_the_strict_format_with_allowed_tiers
     ids = torch.tensor([[1, 4, 5], [1, 4, 5]])
     scores = proc(ids, torch.zeros(2, len(vocab)))
     assert torch.isfinite(scores[0]).nonzero().flatten().tolist() == [7]
-    assert torch.isfinite(scores[1]).nonzero().flatten().tolist() == [7, 8]
-    assert scores[1, 8] == 3.0 and scores[1, 7] == 0.0  # the bias goes to the priciest tier
+    # equal logits: P(small) = 0.5 < sigmoid(3) = 0.95, so the bias escalates to large
+    assert torch.isfinite(scores[1]).nonzero().flatten().tolist() == [8]
     assert proc.allowed_next(1, [1, 5, 8]) == [9]
     assert proc.allowed_next(1, [1, 5, 8, 9, 6]) == [0]  # after </route>: end the turn
     assert proc.allowed_next(0, []) == [1]  # a turn opens with <think>
@@ -146,3 +147,38 @@ def test_route_constraint_keeps_the_turn_in_the_strict_format_with_allowed_tiers
     free = proc(torch.tensor([[1, 1, 2]]), torch.zeros(1, len(vocab)))
     # think text may not end the turn, nor contain '<' (other than </think>)
     assert torch.isinf(free[0]).nonzero().flatten().tolist() == [0, 1, 5, 6, 10]
+
+
+def test_route_bias_takes_the_cheapest_tier_whose_cumulative_probability_reaches_sigmoid_bias():
+    vocab = ["<|im_end|>", "<think>", "</think>", "<route>", "</route>", "small", "medium", "large"]
+    tok = ListTokenizer(vocab, {"small": [5], "medium": [6], "large": [7]})
+    tiers = [["small", "medium", "large"], ["small", "large"], ["small", "medium"]]
+    probs = torch.tensor([0.75, 0.20, 0.05])  # small / medium / large at the tier token
+    logits = torch.full((len(vocab),), -30.0)
+    logits[5:8] = probs.log()
+
+    def routed(bias: float) -> list[str]:
+        proc = RouteConstraint(tok, tiers, prompt_length=1, route_bias=bias, turn_format="route")
+        out = proc(torch.tensor([[0, 3]] * 3), logits.repeat(3, 1))
+        return [vocab[int(row.argmax())] for row in out]
+
+    # Row 0 by hand: cumulative (0.75, 0.95, 1.0). Row 1 renormalizes over its allowed tiers:
+    # small 0.75 / 0.80 = 0.9375. Row 2: small 0.75 / 0.95 = 0.789.
+    assert routed(0.0) == ["small", "small", "small"]  # plain greedy
+    assert routed(-2.0) == ["small", "small", "small"]
+    assert routed(math.log(0.8 / 0.2)) == ["medium", "small", "medium"]  # sigmoid = 0.80
+    assert routed(math.log(0.94 / 0.06)) == ["medium", "large", "medium"]  # sigmoid = 0.94
+    assert routed(math.log(0.97 / 0.03)) == ["large", "large", "medium"]  # sigmoid = 0.97
+
+
+def test_route_bias_with_two_tiers_equals_adding_it_to_the_priciest_tiers_logit():
+    vocab = ["<|im_end|>", "<think>", "</think>", "<route>", "</route>", "small", "large"]
+    tok = ListTokenizer(vocab, {"small": [5], "large": [6]})
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, len(vocab), generator=generator) * 3
+    for bias in (-2.5, -0.7, 0.4, 1.9, 4.0):
+        proc = RouteConstraint(tok, [["small", "large"]] * 64, prompt_length=1, route_bias=bias, turn_format="route")
+        out = proc(torch.tensor([[0, 3]] * 64), logits.clone())
+        added = logits[:, 5:7].clone()
+        added[:, 1] += bias
+        assert out.argmax(-1).tolist() == (5 + added.argmax(-1)).tolist()

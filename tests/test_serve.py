@@ -25,7 +25,7 @@ from rlrouter.serve.local_pool import LocalPoolServer, free_port, reply_words
 from rlrouter.serve.pool_client import PoolCallError, PoolClient
 from rlrouter.serve.service import (MIN_OUTPUT_TOKENS, RouterService, Spend, allowed_tiers, input_token_bound,
                                     max_output_tokens, route_request, step_view)
-from conftest import TINY, greedy_turns, start_http_server, stop_http_server
+from conftest import TINY, greedy_turns, random_policy_views, start_http_server, stop_http_server
 
 ROOT = Path(__file__).resolve().parents[1]
 PRICES = {"small": (0.40, 1.60), "large": (2.00, 8.00)}
@@ -290,16 +290,8 @@ def test_step_routing_matches_the_in_process_router(served, client, trained):
     recipe = served["recipe"]
     tokenizer = AutoTokenizer.from_pretrained(served["checkpoint"])
     model = AutoModelForCausalLM.from_pretrained(served["checkpoint"])
-    env = recipe.make_env("test")
-    rng = np.random.default_rng(1)
-    views = []
-    for episode in range(6):
-        env.reset(seed=episode, options={"budget": Budget(max_calls={"large": 1 + episode % 2})})
-        for _ in range(2 + episode % 3):
-            views.append(env.view())
-            _, _, done, truncated, _ = env.step(int(rng.choice(np.flatnonzero(env.view()["action_mask"]))))
-            if done or truncated:
-                break
+    views = random_policy_views(recipe.make_env("test"), [(e, Budget(max_calls={"large": 1 + e % 2}), 2 + e % 3)
+                                                         for e in range(6)], seed=1)
     system = {"role": "system", "content": system_message(recipe.pool.describe())}
     hf = greedy_turns(model, tokenizer, recipe.pool.names,
                       [[system, {"role": "user", "content": step_user_message(v)}] for v in views],

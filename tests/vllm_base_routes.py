@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 if __name__ == "__main__":
-    import numpy as np
 
     from envs import Budget
     from rlrouter.config import recipe_from_dict
@@ -21,6 +20,7 @@ if __name__ == "__main__":
     from rlrouter.router.generation import HFEngine, VLLMEngine
     from rlrouter.router.model import as_router
     from rlrouter.router.prompt import RouterFormat, step_user_message
+    from conftest import random_policy_views  # this script's folder is on sys.path
 
     cache, out_dir, out_path = sys.argv[1:4]
     recipe = recipe_from_dict({"name": "base-routes", "world": {"kind": "synthetic", "n_train": 8, "n_test": 8,
@@ -31,13 +31,8 @@ if __name__ == "__main__":
                                  {"pool": recipe.pool.describe(), "router": {"format": fmt.to_dict()}})
     tiers = recipe.pool.names
     # step prompts of states reached by a seeded random policy: their histories mix the tiers
-    env, rng, views = recipe.make_env("test"), np.random.default_rng(0), []
-    for episode in range(12):
-        env.reset(seed=100 + episode, options={"budget": Budget(max_calls={"large": 1 + episode % 3})})
-        done = truncated = False
-        while not (done or truncated):
-            views.append(env.view())
-            _, _, done, truncated, _ = env.step(int(rng.choice(np.flatnonzero(env.view()["action_mask"]))))
+    views = random_policy_views(recipe.make_env("test"), [(100 + e, Budget(max_calls={"large": 1 + e % 3}), None)
+                                                         for e in range(12)], seed=0)
     system = {"role": "system", "content": fmt.system(recipe.pool.describe())}
     prompts = fmt.prompt_ids(tok, [[system, {"role": "user", "content": step_user_message(v)}] for v in views])
     allowed = [[t for t, m in zip(tiers, v["action_mask"]) if m] for v in views]

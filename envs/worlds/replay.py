@@ -415,6 +415,12 @@ class ReplayWorld(World):
             raise ValueError(f"unknown split {split!r}; the replay world has 'train' and 'test'")
         return [f"{split}-{i}" for i in range(n)]
 
+    def split_rows(self, split: str) -> np.ndarray:
+        """The table rows a split's episodes draw their queries from (sorted; disjoint splits)."""
+        if split not in self._rows:
+            raise ValueError(f"unknown split {split!r}; the replay world has 'train' and 'test'")
+        return self._rows[split]
+
     def rows_of(self, task_id: str) -> tuple[int, ...]:
         split, _, index = task_id.partition("-")
         if split not in self._rows or not index.isdigit():

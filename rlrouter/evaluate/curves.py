@@ -63,6 +63,38 @@ def cpt(shares, pgrs, level: float) -> float | None:
     return None
 
 
+def upper_frontier(costs, successes) -> tuple[np.ndarray, np.ndarray]:
+    """The cost-success frontier of a set of policies: the vertices of the upper concave
+    envelope of the points (cost, success), from the cheapest point to the first point of
+    highest success. Every point on it is reachable by one policy or by a task-by-task random
+    mix of two (the mix lands on the segment between them)."""
+    order = sorted(zip(map(float, costs), map(float, successes)), key=lambda p: (p[0], -p[1]))
+    hull: list[tuple[float, float]] = []
+    for point in order:
+        while len(hull) >= 2:
+            (x0, y0), (x1, y1) = hull[-2], hull[-1]
+            if (x1 - x0) * (point[1] - y0) - (y1 - y0) * (point[0] - x0) >= 0:  # hull[-1] on or under the chord
+                hull.pop()
+            else:
+                break
+        if not hull or point[0] > hull[-1][0]:  # at an equal cost the higher success came first
+            hull.append(point)
+    top = int(np.argmax([y for _, y in hull]))
+    x, y = np.array(hull[: top + 1]).T
+    return x, y
+
+
+def frontier_gap(a: tuple, b: tuple, n_grid: int = 200) -> tuple[float, float, float]:
+    """Mean, smallest and largest success gap A − B between two frontiers (``upper_frontier``
+    vertices) at equal cost, on a grid from the dearer of the two cheapest points to the
+    dearest point; past its dearest point a frontier stays flat (spending less than allowed
+    never costs success)."""
+    (xa, ya), (xb, yb) = a, b
+    grid = np.linspace(max(xa[0], xb[0]), max(xa[-1], xb[-1]), n_grid)
+    diff = np.interp(grid, xa, ya, right=ya[-1]) - np.interp(grid, xb, yb, right=yb[-1])
+    return float(diff.mean()), float(diff.min()), float(diff.max())
+
+
 def _sorted(shares, pgrs) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(shares, dtype=float), np.asarray(pgrs, dtype=float)
     if x.size == 0 or x.shape != y.shape:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor
 
-from rlrouter.router.prompt import ROUTE_CLOSE, ROUTE_OPEN, THINK_CLOSE, THINK_OPEN, RouterFormat
+from rlrouter.router.prompt import ROUTE_CLOSE, ROUTE_OPEN, THINK_CLOSE, THINK_OPEN, RouterFormat, tier_token_ids
 
 
 class RouteConstraint(LogitsProcessor):
@@ -45,10 +45,14 @@ class RouteConstraint(LogitsProcessor):
     same rule as a structured-output regex (``route_regex``). With ``turn_format="route"``
     the turn opens with ``<route>`` directly.
 
-    ``route_bias`` (log-odds) is added to the first token of the priciest allowed tier right
-    after ``<route>``: with two single-token tiers, greedy decoding then routes large iff
-    P(large) / (P(large) + P(small)) >= sigmoid(-route_bias), the threshold knob of
-    classic routers (0 = plain greedy).
+    ``route_bias`` b (log-odds; 0 = plain greedy) is the threshold knob of classic routers,
+    for any number of tiers: right after ``<route>`` the router takes the cheapest allowed
+    tier t whose cumulative probability P(tier <= t), over the allowed tiers in price order,
+    reaches sigmoid(b). With two tiers that is "large iff P(large) / (P(large) + P(small)) >
+    sigmoid(-b)", the same as adding b to large's logit; with three it escalates through the
+    middle tier (b > 0 leaves small when small holds less than sigmoid(b) of the mass, and
+    goes past medium only when small and medium together hold less). Tiers are told apart by
+    their first token; tiers that share one form one group and are chosen greedily after it.
     """
 
     def __init__(self, tokenizer, allowed: list[list[str]], prompt_length: int, route_bias: float = 0.0,
@@ -60,7 +64,7 @@ class RouteConstraint(LogitsProcessor):
         self.think_close_id = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
         self.eos_id = tokenizer.eos_token_id
         self.prompt_length = prompt_length
-        self.sequences = [[tokenizer.encode(t, add_special_tokens=False) + [self.close_id] for t in row]
+        self.sequences = [[tier_token_ids(tokenizer, t) + [self.close_id] for t in row]
                           for row in allowed]
         self.route_bias = float(route_bias)
         self.think_banned = think_banned_ids(tokenizer)
@@ -86,7 +90,7 @@ class RouteConstraint(LogitsProcessor):
         operations (per-row indexing cost a CUDA launch per row and step: 40% of an RL
         iteration on a GPU)."""
         scores = scores.clone()  # generate(output_logits=True) keeps the raw tensor: never edit it in place
-        think_rows, forced_rows, keep_rows, keep_cols, bias_rows, bias_cols = [], [], [], [], [], []
+        think_rows, forced_rows, keep_rows, keep_cols, bias_rows, bias_firsts = [], [], [], [], [], []
         for row, generated in enumerate(input_ids[:, self.prompt_length:].tolist()):
             allowed = self.allowed_next(row, generated)
             if allowed is None:
@@ -95,9 +99,11 @@ class RouteConstraint(LogitsProcessor):
             forced_rows.append(row)
             keep_rows += [row] * len(allowed)
             keep_cols += allowed
-            if self.route_bias and generated and generated[-1] == self.open_id and len(self.sequences[row]) > 1:
-                bias_rows.append(row)
-                bias_cols.append(self.sequences[row][-1][0])
+            if self.route_bias and generated and generated[-1] == self.open_id:
+                firsts = list(dict.fromkeys(seq[0] for seq in self.sequences[row]))  # price order
+                if len(firsts) > 1:
+                    bias_rows.append(row)
+                    bias_firsts.append(firsts)
         device = scores.device
         if think_rows:
             rows = torch.tensor(think_rows, device=device)
@@ -108,9 +114,24 @@ class RouteConstraint(LogitsProcessor):
             scores[torch.tensor(forced_rows, device=device)] = -float("inf")
             scores[rows, cols] = keep
             if bias_rows:
-                bias_at = (torch.tensor(bias_rows, device=device), torch.tensor(bias_cols, device=device))
-                scores[bias_at] += self.route_bias
+                self._escalate(scores, bias_rows, bias_firsts)
         return scores
+
+    def _escalate(self, scores: torch.Tensor, rows: list[int], firsts: list[list[int]]) -> None:
+        """At the tier token of ``rows``: keep only the tier the cumulative rule picks
+        (class docstring), batched over the rows (padded to the widest row's tier count)."""
+        device = scores.device
+        width = max(len(f) for f in firsts)
+        cols = torch.tensor([f + [f[-1]] * (width - len(f)) for f in firsts], device=device)
+        real = torch.tensor([[k < len(f) for k in range(width)] for f in firsts], device=device)
+        rows_t = torch.tensor(rows, device=device)
+        logits = scores[rows_t[:, None], cols].masked_fill(~real, -float("inf"))
+        cumulative = torch.softmax(logits.float(), dim=-1).cumsum(-1)
+        threshold = torch.sigmoid(torch.tensor(self.route_bias, device=device))
+        counts = torch.tensor([len(f) for f in firsts], device=device)
+        chosen = torch.minimum((cumulative < threshold).sum(-1), counts - 1)
+        drop = real & (torch.arange(width, device=device)[None, :] != chosen[:, None])
+        scores[rows_t[:, None].expand_as(cols)[drop], cols[drop]] = -float("inf")
 
     def _banned_on(self, device) -> torch.Tensor:
         if self._banned_tensor is None or self._banned_tensor.device != torch.device(device):

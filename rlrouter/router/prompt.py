@@ -142,6 +142,13 @@ def batch_prompt_token_ids(tokenizer, conversations: list[list[dict]]) -> list[l
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+def tier_token_ids(tokenizer, tier: str) -> list[int]:
+    """A tier's canonical spelling after ``<route>``: its own tokenization, no special
+    tokens. Both route constraints (transformers' ``RouteConstraint`` and vLLM's
+    ``allowed_token_ids``) allow exactly this spelling, so they cannot drift apart."""
+    return tokenizer.encode(tier, add_special_tokens=False)
+
+
 def format_route(tier: str, think: str, turn_format: str = "think_route") -> str:
     """The assistant turn the router is trained to write."""
     if turn_format == "route":
@@ -301,7 +308,7 @@ class RouterFormat:
         ids = {tokenizer.convert_tokens_to_ids(ROUTE_OPEN), tokenizer.convert_tokens_to_ids(ROUTE_CLOSE),
                tokenizer.eos_token_id}
         for tier in allowed:
-            ids.update(tokenizer.encode(tier, add_special_tokens=False))
+            ids.update(tier_token_ids(tokenizer, tier))
         return sorted(ids)
 
     def fit(self, tokenizer, messages: list[dict]) -> list[dict]:
