@@ -224,7 +224,8 @@ def random_policy_views(env, episodes: list[tuple[int, object, int | None]], see
         env.reset(seed=reset_seed, options={"budget": budget})
         taken, done, truncated = 0, False, False
         while not (done or truncated) and (most is None or taken < most):
-            views.append(env.view())
-            _, _, done, truncated, _ = env.step(int(rng.choice(np.flatnonzero(env.view()["action_mask"]))))
+            view = env.view()
+            views.append(view)
+            _, _, done, truncated, _ = env.step(int(rng.choice(np.flatnonzero(view["action_mask"]))))
             taken += 1
     return views

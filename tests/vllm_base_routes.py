@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 if __name__ == "__main__":
-
     from envs import Budget
     from rlrouter.config import recipe_from_dict
     from rlrouter.router.bases import resolve_base

@@ -66,6 +66,8 @@ class RouteConstraint(LogitsProcessor):
         self.prompt_length = prompt_length
         self.sequences = [[tier_token_ids(tokenizer, t) + [self.close_id] for t in row]
                           for row in allowed]
+        # each row's distinct first tier tokens, in price order: what the route bias chooses among
+        self.first_tokens = [list(dict.fromkeys(seq[0] for seq in row)) for row in self.sequences]
         self.route_bias = float(route_bias)
         self.think_banned = think_banned_ids(tokenizer)
         self._banned_tensor: torch.Tensor | None = None  # think_banned on the scores' device, made on first use
@@ -99,11 +101,9 @@ class RouteConstraint(LogitsProcessor):
             forced_rows.append(row)
             keep_rows += [row] * len(allowed)
             keep_cols += allowed
-            if self.route_bias and generated and generated[-1] == self.open_id:
-                firsts = list(dict.fromkeys(seq[0] for seq in self.sequences[row]))  # price order
-                if len(firsts) > 1:
-                    bias_rows.append(row)
-                    bias_firsts.append(firsts)
+            if self.route_bias and generated and generated[-1] == self.open_id and len(self.first_tokens[row]) > 1:
+                bias_rows.append(row)
+                bias_firsts.append(self.first_tokens[row])
         device = scores.device
         if think_rows:
             rows = torch.tensor(think_rows, device=device)
@@ -123,14 +123,15 @@ class RouteConstraint(LogitsProcessor):
         device = scores.device
         width = max(len(f) for f in firsts)
         cols = torch.tensor([f + [f[-1]] * (width - len(f)) for f in firsts], device=device)
-        real = torch.tensor([[k < len(f) for k in range(width)] for f in firsts], device=device)
+        counts = torch.tensor([len(f) for f in firsts], device=device)
+        position = torch.arange(width, device=device)[None, :]
+        real = position < counts[:, None]
         rows_t = torch.tensor(rows, device=device)
         logits = scores[rows_t[:, None], cols].masked_fill(~real, -float("inf"))
         cumulative = torch.softmax(logits.float(), dim=-1).cumsum(-1)
         threshold = torch.sigmoid(torch.tensor(self.route_bias, device=device))
-        counts = torch.tensor([len(f) for f in firsts], device=device)
         chosen = torch.minimum((cumulative < threshold).sum(-1), counts - 1)
-        drop = real & (torch.arange(width, device=device)[None, :] != chosen[:, None])
+        drop = real & (position != chosen[:, None])
         scores[rows_t[:, None].expand_as(cols)[drop], cols[drop]] = -float("inf")
 
     def _banned_on(self, device) -> torch.Tensor:
