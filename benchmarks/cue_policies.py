@@ -1,0 +1,124 @@
+"""Does a synthetic world leave room for a middle tier? The frontier of every cue-reading
+routing rule, over the whole pool and over each two-tier subset of it.
+
+A router in the synthetic world sees, at each step, a cue phrase naming the step's
+difficulty bucket (routine / moderate / hard; right with probability ``cue_fidelity``).
+A *cue rule* maps each bucket to a tier (``n_tiers ** 3`` rules); it is the routing a
+text router can learn from the cue alone. Each rule runs unbudgeted on the same held-out
+tasks and episode seeds (common random numbers: the worlds' draws are shared by all
+rules). A pool's frontier is the upper concave envelope of its rules' (cost, success)
+points: the best success a cue-reading router over that pool reaches at each cost.
+
+Printed: every rule's success and mean cost, and the mean / smallest / largest success
+gap, at equal cost, of the full pool's frontier over each two-tier subset's, with a paired
+95% bootstrap interval over tasks. When the full pool's frontier is not above the best
+subset's, no rule that reads only the cue gains from the extra tier: the world (skills,
+prices) leaves the middle tier no kind of step where it is the best value. (Routers also see
+the history, so a trained router may do better than every cue rule; the rules are a
+reference for what the cue alone is worth, not a ceiling.)
+
+usage: python benchmarks/cue_policies.py RECIPE [--tasks 100] [--seeds 2] [--split test]
+       [--resamples 200] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+from envs.worlds.synthetic import CUES
+from rlrouter.evaluate.curves import frontier_gap, upper_frontier
+
+BUCKET_OF_CUE = {cue: b for b, cues in enumerate(CUES) for cue in cues}
+
+
+def cue_bucket(step_text: str) -> int:
+    for cue, bucket in BUCKET_OF_CUE.items():
+        if step_text.startswith(cue + " "):
+            return bucket
+    raise ValueError(f"step text {step_text!r} starts with no known cue phrase")
+
+
+def run_rule(env, rule: tuple[int, ...], tasks: list[str], seeds: int) -> np.ndarray:
+    """Per task: (success rate, mean cost) of routing each step by its cue's bucket."""
+    out = np.zeros((len(tasks), 2))
+    for i, task in enumerate(tasks):
+        for seed in range(seeds):
+            env.reset(seed=seed, options={"task_id": task})
+            done, info = False, {}
+            while not done:
+                _, _, terminated, truncated, info = env.step(rule[cue_bucket(env.view()["step_text"])])
+                done = terminated or truncated
+            out[i] += (info["success"], info["cost_usd"])
+    return out / seeds
+
+
+def frontier(points: dict, rules: list, weights: np.ndarray):
+    costs = [np.average(points[r][:, 1], weights=weights) for r in rules]
+    succ = [np.average(points[r][:, 0], weights=weights) for r in rules]
+    return upper_frontier(costs, succ)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe")
+    parser.add_argument("--tasks", type=int, default=100)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--resamples", type=int, default=200)
+    parser.add_argument("--out", help="default: runs/cue-policies/RECIPE_NAME")
+    args = parser.parse_args()
+
+    from rlrouter.config import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if recipe.world.get("kind", "synthetic") != "synthetic":
+        raise SystemExit(f"{args.recipe}: world.kind is {recipe.world.get('kind')!r}; cue rules need the synthetic world")
+    env = recipe.make_env(args.split, masked_action="error")
+    names = env.pool.names
+    if len(names) < 3:
+        raise SystemExit(f"{args.recipe}: the pool has {len(names)} tiers; the comparison needs three or more")
+    tasks = env.task_ids[: args.tasks]
+    rules = list(itertools.product(range(len(names)), repeat=len(CUES)))
+    points = {}
+    for k, rule in enumerate(rules, 1):
+        points[rule] = run_rule(env, rule, tasks, args.seeds)
+        print(f"[{k}/{len(rules)}] routine/moderate/hard -> {'/'.join(names[t] for t in rule)}: "
+              f"success {points[rule][:, 0].mean():.3f}, ${points[rule][:, 1].mean():.4f}", flush=True)
+
+    subsets = {"/".join(names[t] for t in pair): [r for r in rules if set(r) <= set(pair)]
+               for pair in itertools.combinations(range(len(names)), 2)}
+    ones = np.ones(len(tasks))
+    full = frontier(points, rules, ones)
+    rng = np.random.default_rng(0)
+    draws = [np.bincount(rng.integers(len(tasks), size=len(tasks)), minlength=len(tasks))
+             for _ in range(args.resamples)]
+    report = {"recipe": recipe.name, "tiers": names, "tasks": len(tasks), "seeds": args.seeds,
+              "rules": {"/".join(names[t] for t in r): {"success": round(float(p[:, 0].mean()), 4),
+                                                         "cost_usd": round(float(p[:, 1].mean()), 6)}
+                        for r, p in points.items()},
+              "full_frontier": [[round(float(x), 6), round(float(y), 4)] for x, y in zip(*full)],
+              "gaps": {}}
+    print(f"\nfull pool frontier ({'/'.join(names)}): " + ", ".join(f"{y:.3f}@${x:.4f}" for x, y in zip(*full)))
+    for label, subset in subsets.items():
+        sub = frontier(points, subset, ones)
+        mean, lo, hi = frontier_gap(full, sub)
+        boot = sorted(frontier_gap(frontier(points, rules, w), frontier(points, subset, w))[0] for w in draws)
+        ci = (boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot)) - 1])
+        report["gaps"][label] = {"mean": round(mean, 4), "min": round(lo, 4), "max": round(hi, 4),
+                                 "ci95": [round(ci[0], 4), round(ci[1], 4)],
+                                 "frontier": [[round(float(x), 6), round(float(y), 4)] for x, y in zip(*sub)]}
+        print(f"full − {label}: mean {mean:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}] (min {lo:+.4f}, max {hi:+.4f}); "
+              f"{label} frontier " + ", ".join(f"{y:.3f}@${x:.4f}" for x, y in zip(*sub)))
+    out = Path(args.out or f"runs/cue-policies/{recipe.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cue_policies.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {out / 'cue_policies.json'}")
+
+
+if __name__ == "__main__":
+    main()
