@@ -30,31 +30,36 @@ from pathlib import Path
 
 import numpy as np
 
-from envs.worlds.synthetic import CUES
+from envs import Budget
+from envs.worlds.synthetic import CUES, cue_bucket
 from rlrouter.evaluate.curves import frontier_gap, upper_frontier
-
-BUCKET_OF_CUE = {cue: b for b, cues in enumerate(CUES) for cue in cues}
-
-
-def cue_bucket(step_text: str) -> int:
-    for cue, bucket in BUCKET_OF_CUE.items():
-        if step_text.startswith(cue + " "):
-            return bucket
-    raise ValueError(f"step text {step_text!r} starts with no known cue phrase")
+from rlrouter.evaluate.runner import evaluate
 
 
-def run_rule(env, rule: tuple[int, ...], tasks: list[str], seeds: int) -> np.ndarray:
-    """Per task: (success rate, mean cost) of routing each step by its cue's bucket."""
-    out = np.zeros((len(tasks), 2))
-    for i, task in enumerate(tasks):
-        for seed in range(seeds):
-            env.reset(seed=seed, options={"task_id": task})
-            done, info = False, {}
-            while not done:
-                _, _, terminated, truncated, info = env.step(rule[cue_bucket(env.view()["step_text"])])
-                done = terminated or truncated
-            out[i] += (info["success"], info["cost_usd"])
-    return out / seeds
+class CueBucketRule:
+    """Routes each step to ``rule[bucket]``, the bucket named by the step's cue phrase."""
+
+    def __init__(self, rule: tuple[int, ...], names: list[str]):
+        self.rule = rule
+        self.name = "/".join(names[t] for t in rule)
+
+    def begin(self, env, seed: int) -> None:
+        self.env = env
+
+    def act(self, obs, info) -> int:
+        return self.rule[cue_bucket(self.env.view()["step_text"])]
+
+
+def rule_points(env, rules: list, tasks: list[str], seeds: int) -> dict:
+    """Per rule and task: (success rate, mean cost) over ``seeds`` unbudgeted episodes."""
+    index = {t: i for i, t in enumerate(tasks)}
+    points = {r.rule: np.zeros((len(tasks), 2)) for r in rules}
+    by_name = {r.name: r.rule for r in rules}
+    for seed in range(seeds):
+        records, _ = evaluate(env, rules, tasks, [Budget()], seed=seed)
+        for rec in records:
+            points[by_name[rec.policy]][index[rec.task_id]] += (rec.success / seeds, rec.cost_usd / seeds)
+    return points
 
 
 def frontier(points: dict, rules: list, weights: np.ndarray):
@@ -84,11 +89,10 @@ def main() -> None:
         raise SystemExit(f"{args.recipe}: the pool has {len(names)} tiers; the comparison needs three or more")
     tasks = env.task_ids[: args.tasks]
     rules = list(itertools.product(range(len(names)), repeat=len(CUES)))
-    points = {}
-    for k, rule in enumerate(rules, 1):
-        points[rule] = run_rule(env, rule, tasks, args.seeds)
-        print(f"[{k}/{len(rules)}] routine/moderate/hard -> {'/'.join(names[t] for t in rule)}: "
-              f"success {points[rule][:, 0].mean():.3f}, ${points[rule][:, 1].mean():.4f}", flush=True)
+    points = rule_points(env, [CueBucketRule(r, names) for r in rules], tasks, args.seeds)
+    for rule in rules:
+        print(f"routine/moderate/hard -> {'/'.join(names[t] for t in rule)}: "
+              f"success {points[rule][:, 0].mean():.3f}, ${points[rule][:, 1].mean():.4f}")
 
     subsets = {"/".join(names[t] for t in pair): [r for r in rules if set(r) <= set(pair)]
                for pair in itertools.combinations(range(len(names)), 2)}

@@ -43,9 +43,6 @@ class CueRule:
     world's cue noise costs, an information ceiling for the same rule."""
 
     def __init__(self, after_failures: int | None = None, hidden: bool = False):
-        from envs.worlds.synthetic import CUES
-
-        self.bucket = {cue: b for b, cues in enumerate(CUES) for cue in cues}
         self.after_failures = after_failures
         self.hidden = hidden
         self.name = ("difficulty-rule" if hidden else "cue-rule") + (
@@ -60,7 +57,9 @@ class CueRule:
 
             state = self.env._state  # the world's hidden state: only this ceiling row reads it
             return difficulty_bucket(state.task.difficulties[min(state.position, state.task.length - 1)])
-        return next(b for cue, b in self.bucket.items() if view["step_text"].startswith(cue + " "))
+        from envs.worlds.synthetic import cue_bucket
+
+        return cue_bucket(view["step_text"])
 
     def act(self, obs, info):
         view = self.env.view()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from envs import Pool, make_routing_env
-from envs.worlds.synthetic import CUES, SyntheticConfig, SyntheticWorld, difficulty_bucket
+from envs.worlds.synthetic import CUES, SyntheticConfig, SyntheticWorld, cue_bucket, difficulty_bucket
 from rlrouter.boundary import boundary_runs, classify, taxonomy_counts
 
 
@@ -50,6 +50,7 @@ def test_faithful_cues_name_the_difficulty_bucket():
         off = []
         for d, text in zip(t.difficulties, t.step_texts):
             cue = next(c for c in bucket_of if text.startswith(c + " "))
+            assert cue_bucket(text) == bucket_of[cue]
             # buckets by hand: routine below 0.4, moderate below 0.7, hard from 0.7
             assert difficulty_bucket(d) == (0 if d < 0.4 else 1 if d < 0.7 else 2)
             if bucket_of[cue] != difficulty_bucket(d) and d not in (0.4, 0.7):  # stored rounded to 4 places
@@ -60,6 +61,14 @@ def test_faithful_cues_name_the_difficulty_bucket():
         assert off in ([], [(2, 1)]) and (not off or t.archetype == "medium")
         forced += len(off)
     assert seen == {0, 1, 2} and 0 < forced < 20
+
+
+def test_cue_bucket_names_the_phrase_a_step_starts_with_and_rejects_other_text():
+    assert cue_bucket("open the sensor log") == 0  # "open" is routine; "optimize the slow query on" hard
+    assert cue_bucket("optimize the slow query on the sensor log") == 2
+    assert cue_bucket("write a unit test for the cache layer") == 1
+    with pytest.raises(ValueError, match="no cue phrase"):
+        cue_bucket("opening the sensor log")
 
 
 def test_large_succeeds_whenever_small_does_on_the_same_draw():

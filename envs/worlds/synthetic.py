@@ -68,6 +68,18 @@ def difficulty_bucket(difficulty: float) -> int:
     """The cue bucket a step's difficulty belongs to: 0 routine, 1 moderate, 2 hard."""
     return 0 if difficulty < 0.4 else (1 if difficulty < 0.7 else 2)
 
+
+_BUCKET_OF_CUE = {cue: bucket for bucket, cues in enumerate(CUES) for cue in cues}
+
+
+def cue_bucket(step_text: str) -> int:
+    """The bucket a step's cue phrase names (what a router can read; it is the step's true
+    bucket with probability ``cue_fidelity``)."""
+    for cue, bucket in _BUCKET_OF_CUE.items():
+        if step_text.startswith(cue + " "):
+            return bucket
+    raise ValueError(f"step text {step_text!r} starts with no cue phrase of the synthetic world")
+
 # Skill profiles of the simulated executors, by tier name.
 DEFAULT_EXECUTORS = {
     "small": {"kind": "simulated", "skill": 0.55, "output_tokens_mean": 120},
