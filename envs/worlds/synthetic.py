@@ -80,6 +80,7 @@ def cue_bucket(step_text: str) -> int:
             return bucket
     raise ValueError(f"step text {step_text!r} starts with no cue phrase of the synthetic world")
 
+
 # Skill profiles of the simulated executors, by tier name.
 DEFAULT_EXECUTORS = {
     "small": {"kind": "simulated", "skill": 0.55, "output_tokens_mean": 120},
