@@ -28,6 +28,8 @@ import argparse
 import json
 import time
 
+from common import pooled_hidden_states
+
 
 def query_apgr(scores, cheap, strong) -> float:
     """APGR of routing the top-k ``scores`` to the strong model, k = 0..n (ties broken by order)."""
@@ -54,7 +56,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import numpy as np
-    import torch
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.metrics import roc_auc_score
     from sklearn.pipeline import make_pipeline
@@ -63,7 +64,6 @@ def main() -> None:
     from rlrouter.config import load_recipe
     from rlrouter.evaluate.encoder import SentenceEncoder
     from rlrouter.router.checkpoint import load_router
-    from rlrouter.router.prompt import cut_middle
 
     recipe = load_recipe(args.recipe)
     env = recipe.make_env("train")
@@ -98,39 +98,11 @@ def main() -> None:
         started = time.perf_counter()
         model, tokenizer = load_router(base)
         model.eval()
-        limit = recipe.router.max_prompt_tokens or 10 ** 9
-        pooled = {layer: {} for layer in layers}
-        done, total = 0, sum(len(t) for t in texts.values())
-        for split, split_texts in texts.items():
-            ids = []
-            for text in split_texts:
-                n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-                if n > limit:
-                    text = cut_middle(tokenizer, text, n - limit + 16, recipe.router.cut_head_share)
-                ids.append(tokenizer(text, add_special_tokens=False)["input_ids"][:limit])
-            out = {layer: [None] * len(ids) for layer in layers}
-            order = np.argsort([len(x) for x in ids])
-            for start in range(0, len(order), 16):  # batches of similar lengths: little padding
-                batch = order[start:start + 16]
-                width = max(len(ids[i]) for i in batch)
-                input_ids = torch.full((len(batch), width), tokenizer.pad_token_id or 0)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for j, i in enumerate(batch):
-                    input_ids[j, :len(ids[i])] = torch.tensor(ids[i])
-                    mask[j, :len(ids[i])] = 1
-                with torch.no_grad():
-                    hidden = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
-                for layer in layers:
-                    mean = (hidden[layer] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-                    for j, i in enumerate(batch):
-                        out[layer][i] = mean[j].float().numpy()
-                done += len(batch)
-                print(f"\rbase forward: {done}/{total} queries", end="", flush=True)
-            for layer in layers:
-                pooled[layer][split] = np.stack(out[layer])
-        print()
+        pooled = {split: pooled_hidden_states(model, tokenizer, split_texts, layers, recipe.router.max_prompt_tokens,
+                                              recipe.router.cut_head_share, f"{split} queries")
+                  for split, split_texts in texts.items()}
         for layer in layers:
-            features[f"base@{layer}"] = pooled[layer]
+            features[f"base@{layer}"] = {split: pooled[split][layer] for split in pooled}
         seconds["base"] = time.perf_counter() - started
 
     results = {}
