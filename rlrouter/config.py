@@ -215,6 +215,10 @@ class SynthSection:
         samples: M trajectories per stratum.
         hard_repeat: times each hard task's trajectory appears in the dataset (balances the
             strata: easy and intractable tasks contribute only always-small turns).
+        hard_seeds: episode seeds each hard task is searched under: every seed is a fresh
+            draw of the world with its own cheapest success, so its labels are new data
+            where ``hard_repeat`` only copies (the labels of one seed mark where *that*
+            draw needed the pricier tier, a noisy sample of where it gains).
         out_dir: default ``runs/<name>/synth``.
     """
 
@@ -226,6 +230,7 @@ class SynthSection:
     n_strata: int = 4
     samples: int = 16
     hard_repeat: int = 1
+    hard_seeds: int = 1
     out_dir: str | None = None
 
 
@@ -450,6 +455,10 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
     if not all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in evaluation.random_p):
         raise RecipeError(f"{where}: eval.random_p must be probabilities in [0, 1], got {evaluation.random_p}")
     synth = _section(SynthSection, data.get("synth"), f"{where}: synth")
+    for knob in ("hard_repeat", "hard_seeds"):
+        value = getattr(synth, knob)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise RecipeError(f"{where}: synth.{knob} must be an integer >= 1, got {value!r}")
     router = _section(RouterSection, data.get("router"), f"{where}: router")
     sft = _section(SFTSettings, data.get("sft"), f"{where}: sft")
     rl = _section(RLConfig, data.get("rl"), f"{where}: rl")

@@ -123,6 +123,17 @@ def test_recipe_errors_name_the_router_field(router, message):
         recipe_from_dict({"name": "x", "router": router})
 
 
+@pytest.mark.parametrize("synth, message", [
+    ({"hard_seeds": 0}, "synth.hard_seeds must be an integer >= 1"),
+    ({"hard_repeat": 1.5}, "synth.hard_repeat must be an integer >= 1"),
+])
+def test_recipe_errors_name_the_synth_field(synth, message):
+    with pytest.raises(RecipeError, match=message):
+        recipe_from_dict({"name": "x", "synth": synth})
+    ok = recipe_from_dict({"name": "x", "synth": {"hard_seeds": 3}})
+    assert (ok.name, ok.synth.hard_seeds, ok.synth.hard_repeat) == ("x", 3, 1)
+
+
 def test_train_layers_and_lora_exclude_each_other():
     with pytest.raises(RecipeError, match="exclude each other"):
         recipe_from_dict({"name": "x", "router": {"train_layers": 2}, "sft": {"lora": True}})

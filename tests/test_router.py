@@ -114,6 +114,28 @@ def test_synthesized_dataset_carries_taxonomy_and_boundary_stats():
     assert report["examples"] + len(report["skipped_hard_without_success"]) == 30
 
 
+def test_hard_seeds_add_fresh_draws_of_each_hard_task():
+    env = make_routing_env("synthetic", world={"n_train": 30})
+    kwargs = dict(seed=0, k_boundary=2, n_strata=2, samples=2, progress=False)
+    one, _, labels, _ = synthesize(env, env.task_ids, [Budget()], **kwargs)
+    three, _, _, report = synthesize(env, env.task_ids, [Budget()], hard_seeds=3, **kwargs)
+    hard = [t for t in env.task_ids if labels[t] == "hard"]
+    assert hard and report["hard_seeds"] == 3
+    # every task: one draw if easy or intractable, three if hard; a draw without success is counted
+    assert report["examples"] + len(report["skipped_hard_without_success"]) == 30 + 2 * len(hard)
+    rows = three.to_list()
+    # draw 0 is seeded as a single draw: the hard_seeds = 1 dataset is part of it, in order
+    single = one.to_list()
+    assert [r for r in rows if r in single] == single
+    # the other draws are other episodes: the hard rows of one task are not copies
+    by_task = {}
+    for r in rows:
+        by_task.setdefault(r["task_id"], []).append(r["messages"])
+    repeated = [m for t, m in by_task.items() if len(m) > 1]
+    assert repeated and all(t in hard for t, m in by_task.items() if len(m) > 1)
+    assert any(m[0] != m[1] for m in repeated)
+
+
 def test_step_examples_make_one_chat_per_decision():
     from rlrouter.boundary.synthesis import step_examples
 

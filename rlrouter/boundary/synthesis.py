@@ -5,7 +5,8 @@
   stratum's shares, all with the task's episode seed; keep the cheapest successful one, then
   prune it (move each call to the cheapest tier that still succeeds, cheaper). If none
   succeeds: the always-priciest trajectory when it succeeds, else the task is left out and
-  counted.
+  counted. With ``hard_seeds`` > 1 this is done under that many episode seeds per hard
+  task: fresh draws of the world, so fresh labels (``hard_repeat`` copies one).
 
 Strata (``strata``) are the shares of the tiers on a grid of step 1/N: with two tiers,
 P(priciest) = k/N for k = 0..N (BoPO); with n tiers, every point of the simplex grid
@@ -135,8 +136,12 @@ def prune_calls(env: RoutingEnv, task_id: str, budget: Budget, seed: int, traj: 
 
 
 def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed: int = 0, k_boundary: int = 5,
-               theta: float = 0.5, n_strata: int = 4, samples: int = 4, hard_repeat: int = 1, progress: bool = True):
-    """Boundary runs, taxonomy and stratified synthesis. Returns (dataset, stats, labels, report)."""
+               theta: float = 0.5, n_strata: int = 4, samples: int = 4, hard_repeat: int = 1, hard_seeds: int = 1,
+               progress: bool = True):
+    """Boundary runs, taxonomy and stratified synthesis. Returns (dataset, stats, labels, report).
+
+    Each hard task is searched under ``hard_seeds`` episode seeds (each with its own budget
+    draw and its own cheapest success); ``hard_repeat`` then copies every hard row."""
     from datasets import Dataset
 
     stats = boundary_runs(env, task_ids, k=k_boundary, seed=seed, progress=progress)
@@ -144,33 +149,35 @@ def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed
     top = len(env.pool) - 1
     rows, skipped = [], []
     for index, task_id in enumerate(tqdm(task_ids, desc="synthesis", disable=not progress, leave=False)):
-        rng = np.random.default_rng([seed, 17, index])
-        budget = budgets[int(rng.integers(len(budgets)))]
-        episode_seed = int(rng.integers(2**31 - 1))
-        if labels[task_id] == "hard":
-            traj = cheapest_successful(env, task_id, budget, episode_seed, n_strata, samples)
+        for draw in range(hard_seeds if labels[task_id] == "hard" else 1):
+            # Draw 0 keeps the seeding of a single draw, so hard_seeds = 1 is the old dataset.
+            rng = np.random.default_rng([seed, 17, index] if draw == 0 else [seed, 17, index, draw])
+            budget = budgets[int(rng.integers(len(budgets)))]
+            episode_seed = int(rng.integers(2**31 - 1))
+            if labels[task_id] == "hard":
+                traj = cheapest_successful(env, task_id, budget, episode_seed, n_strata, samples)
+                if traj is None:
+                    fallback = play_trajectory(env, task_id, budget, episode_seed, lambda view: top)
+                    traj = fallback if fallback.success else None
+            else:
+                traj = play_trajectory(env, task_id, budget, episode_seed, lambda view: 0)
             if traj is None:
-                fallback = play_trajectory(env, task_id, budget, episode_seed, lambda view: top)
-                traj = fallback if fallback.success else None
-        else:
-            traj = play_trajectory(env, task_id, budget, episode_seed, lambda view: 0)
-        if traj is None:
-            skipped.append(task_id)
-            continue
-        s = stats[task_id]
-        rows.append({
-            "messages": traj.messages,
-            "step_prompts": traj.step_prompts,
-            "task_id": task_id,
-            "taxonomy": labels[task_id],
-            "budget": traj.budget,
-            "success": traj.success,
-            "cost_usd": traj.cost_usd,
-            "large_calls": int(sum(a == top for a in traj.actions)),
-            "tier_calls": [int(sum(a == t for a in traj.actions)) for t in range(len(env.pool))],
-            "steps": len(traj.actions),
-            "s_small": s.s_small, "s_large": s.s_large, "c_small": s.c_small, "c_large": s.c_large,
-        })
+                skipped.append(task_id)
+                continue
+            s = stats[task_id]
+            rows.append({
+                "messages": traj.messages,
+                "step_prompts": traj.step_prompts,
+                "task_id": task_id,
+                "taxonomy": labels[task_id],
+                "budget": traj.budget,
+                "success": traj.success,
+                "cost_usd": traj.cost_usd,
+                "large_calls": int(sum(a == top for a in traj.actions)),
+                "tier_calls": [int(sum(a == t for a in traj.actions)) for t in range(len(env.pool))],
+                "steps": len(traj.actions),
+                "s_small": s.s_small, "s_large": s.s_large, "c_small": s.c_small, "c_large": s.c_large,
+            })
     # Hard tasks are where routing decisions are learned; repeating them balances the strata.
     rows = [r for r in rows for _ in range(hard_repeat if r["taxonomy"] == "hard" else 1)]
     dataset = Dataset.from_list(rows)
@@ -178,6 +185,7 @@ def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed
         "tasks": len(task_ids),
         "examples": len(rows),
         "hard_repeat": hard_repeat,
+        "hard_seeds": hard_seeds,
         "skipped_hard_without_success": skipped,
         "taxonomy_counts": taxonomy_counts(labels),
         "mean_large_fraction_hard": float(np.mean([r["large_calls"] / r["steps"] for r in rows
