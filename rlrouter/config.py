@@ -219,6 +219,11 @@ class SynthSection:
             draw of the world with its own cheapest success, so its labels are new data
             where ``hard_repeat`` only copies (the labels of one seed mark where *that*
             draw needed the pricier tier, a noisy sample of where it gains).
+        hard_labels: how a hard task's route is found: ``search`` (the stratified search for
+            the cheapest success, pruned) or ``hindsight`` (each step to the cheapest tier
+            that does what the priciest tier does there, replayed under the episode's
+            seed: labels whose mean is the step's gain;
+            ``rlrouter.boundary.synthesis.hindsight_trajectory``).
         out_dir: default ``runs/<name>/synth``.
     """
 
@@ -231,6 +236,7 @@ class SynthSection:
     samples: int = 16
     hard_repeat: int = 1
     hard_seeds: int = 1
+    hard_labels: str = "search"
     out_dir: str | None = None
 
 
@@ -459,6 +465,8 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
         value = getattr(synth, knob)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise RecipeError(f"{where}: synth.{knob} must be an integer >= 1, got {value!r}")
+    if synth.hard_labels not in ("search", "hindsight"):
+        raise RecipeError(f"{where}: synth.hard_labels must be 'search' or 'hindsight', got {synth.hard_labels!r}")
     router = _section(RouterSection, data.get("router"), f"{where}: router")
     sft = _section(SFTSettings, data.get("sft"), f"{where}: sft")
     rl = _section(RLConfig, data.get("rl"), f"{where}: rl")

@@ -126,6 +126,7 @@ def test_recipe_errors_name_the_router_field(router, message):
 @pytest.mark.parametrize("synth, message", [
     ({"hard_seeds": 0}, "synth.hard_seeds must be an integer >= 1"),
     ({"hard_repeat": 1.5}, "synth.hard_repeat must be an integer >= 1"),
+    ({"hard_labels": "oracle"}, "synth.hard_labels must be 'search' or 'hindsight'"),
 ])
 def test_recipe_errors_name_the_synth_field(synth, message):
     with pytest.raises(RecipeError, match=message):

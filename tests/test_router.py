@@ -136,6 +136,41 @@ def test_hard_seeds_add_fresh_draws_of_each_hard_task():
     assert any(m[0] != m[1] for m in repeated)
 
 
+def test_hindsight_routes_each_step_to_the_cheapest_tier_that_does_what_the_priciest_does():
+    from rlrouter.boundary.synthesis import hindsight_trajectory
+
+    env = make_routing_env("synthetic", world={"n_train": 12})
+    checked = {0: 0, 1: 0}
+    for index, task_id in enumerate(env.task_ids):
+        traj = hindsight_trajectory(env, task_id, Budget(), seed=100 + index)
+        # an independent check by copying the state before each step (no replays): large
+        # exactly where small fails and large succeeds (the synthetic step's outcome)
+        env.reset(seed=100 + index, options={"task_id": task_id, "budget": Budget()})
+        for action in traj.actions:
+            snapshot, ok = env.snapshot(), []
+            for tier in range(len(env.pool)):
+                env.restore(snapshot)
+                ok.append(env.step(tier)[4]["step_ok"])
+            assert action == int(ok[1] and not ok[0])
+            checked[action] += 1
+            env.restore(snapshot)
+            _, _, terminated, truncated, info = env.step(action)
+        assert terminated or truncated
+        assert info["success"] == traj.success and info["cost_usd"] == pytest.approx(traj.cost_usd)
+    assert checked[0] and checked[1]  # both tiers are labelled somewhere
+
+
+def test_hindsight_labels_in_synthesis_keep_only_successes():
+    env = make_routing_env("synthetic", world={"n_train": 20})
+    kwargs = dict(seed=0, k_boundary=2, n_strata=2, samples=2, progress=False)
+    ds, _, labels, report = synthesize(env, env.task_ids, [Budget()], hard_labels="hindsight", **kwargs)
+    assert report["hard_labels"] == "hindsight"
+    hard_rows = [r for r in ds.to_list() if r["taxonomy"] == "hard"]
+    assert hard_rows and all(r["success"] for r in hard_rows)
+    with pytest.raises(ValueError, match="hard_labels"):
+        synthesize(env, env.task_ids, [Budget()], hard_labels="oracle", **kwargs)
+
+
 def test_step_examples_make_one_chat_per_decision():
     from rlrouter.boundary.synthesis import step_examples
 

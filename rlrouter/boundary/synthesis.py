@@ -5,7 +5,10 @@
   stratum's shares, all with the task's episode seed; keep the cheapest successful one, then
   prune it (move each call to the cheapest tier that still succeeds, cheaper). If none
   succeeds: the always-priciest trajectory when it succeeds, else the task is left out and
-  counted. With ``hard_seeds`` > 1 this is done under that many episode seeds per hard
+  counted. ``hard_labels: hindsight`` routes each step of a hard task to the cheapest tier
+  that does what the priciest tier does there, in hindsight, instead (labels whose mean is
+  the step's gain). With
+  ``hard_seeds`` > 1 this is done under that many episode seeds per hard
   task: fresh draws of the world, so fresh labels (``hard_repeat`` copies one).
 
 Strata (``strata``) are the shares of the tiers on a grid of step 1/N: with two tiers,
@@ -32,6 +35,9 @@ from envs.routing import RoutingEnv, nearest_allowed
 from rlrouter.boundary.runs import BoundaryStats, boundary_runs, classify, taxonomy_counts
 from rlrouter.router.prompt import (feedback_user_message, first_user_message, format_route, step_user_message,
                                     system_message, think_text)
+
+
+HARD_LABELS = ("search", "hindsight")
 
 
 @dataclass
@@ -135,13 +141,62 @@ def prune_calls(env: RoutingEnv, task_id: str, budget: Budget, seed: int, traj: 
     return traj
 
 
+def replay_route(env: RoutingEnv, task_id: str, budget: Budget, seed: int, route: list[int]) -> tuple[tuple, bool]:
+    """Replay ``route`` from the episode's start (same seed): (its last step's outcome, did
+    the episode end there). The outcome is what the step did as the environment shows it
+    (event and observation), the same for two tiers only if they did the same thing. A tier
+    the budget forbids is remapped as in an episode."""
+    env.reset(seed=seed, options={"task_id": task_id, "budget": budget})
+    for action in route:
+        mask = np.asarray(env.view()["action_mask"], dtype=np.int8)
+        if mask.any() and not mask[action]:
+            action = nearest_allowed(action, mask)
+        _, _, terminated, truncated, _ = env.step(action)
+        if terminated or truncated:
+            break
+    _, event, observation = env.history[-1]
+    return (event, observation), bool(terminated or truncated)
+
+
+def hindsight_trajectory(env: RoutingEnv, task_id: str, budget: Budget, seed: int) -> Trajectory:
+    """Route every step to the cheapest tier that does what the priciest tier does there,
+    in hindsight: the same event and observation under the episode's seed.
+
+    Under common random numbers the cheaper tier differs from the priciest one at a step
+    exactly where the priciest gets it right and the cheaper one does not (the step's draw
+    falls between their success probabilities), so a "pricier" label has probability equal
+    to the pricier tier's gain at that step — where the cheapest sampled success
+    (``cheapest_successful``) marks wherever a sampled route happened to succeed. It needs
+    no hidden outcome: in a text game, where every played command is "ok", the tiers
+    differ by the command's effect on the game. Each step is found by replaying the route
+    so far (any world, no state copy): O(steps²) environment steps per episode."""
+    top = len(env.pool) - 1
+    route: list[int] = []
+    while True:
+        reference, ended = replay_route(env, task_id, budget, seed, route + [top])
+        tier = top
+        for cheaper in range(top):
+            outcome, done = replay_route(env, task_id, budget, seed, route + [cheaper])
+            if outcome == reference:
+                tier, ended = cheaper, done
+                break
+        route.append(tier)
+        if ended:
+            return play_trajectory(env, task_id, budget, seed, lambda view: (
+                route[len(view["history"])] if len(view["history"]) < len(route) else 0))
+
+
 def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed: int = 0, k_boundary: int = 5,
                theta: float = 0.5, n_strata: int = 4, samples: int = 4, hard_repeat: int = 1, hard_seeds: int = 1,
-               progress: bool = True):
+               hard_labels: str = "search", progress: bool = True):
     """Boundary runs, taxonomy and stratified synthesis. Returns (dataset, stats, labels, report).
 
     Each hard task is searched under ``hard_seeds`` episode seeds (each with its own budget
-    draw and its own cheapest success); ``hard_repeat`` then copies every hard row."""
+    draw and its own cheapest success); ``hard_repeat`` then copies every hard row.
+    ``hard_labels`` picks how a hard task's route is found: ``search`` (the stratified search
+    for the cheapest success, pruned) or ``hindsight`` (``hindsight_trajectory``)."""
+    if hard_labels not in HARD_LABELS:
+        raise ValueError(f"hard_labels must be one of {HARD_LABELS}, got {hard_labels!r}")
     from datasets import Dataset
 
     stats = boundary_runs(env, task_ids, k=k_boundary, seed=seed, progress=progress)
@@ -155,7 +210,11 @@ def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed
             budget = budgets[int(rng.integers(len(budgets)))]
             episode_seed = int(rng.integers(2**31 - 1))
             if labels[task_id] == "hard":
-                traj = cheapest_successful(env, task_id, budget, episode_seed, n_strata, samples)
+                if hard_labels == "hindsight":
+                    traj = hindsight_trajectory(env, task_id, budget, episode_seed)
+                    traj = traj if traj.success else None
+                else:
+                    traj = cheapest_successful(env, task_id, budget, episode_seed, n_strata, samples)
                 if traj is None:
                     fallback = play_trajectory(env, task_id, budget, episode_seed, lambda view: top)
                     traj = fallback if fallback.success else None
@@ -186,6 +245,7 @@ def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed
         "examples": len(rows),
         "hard_repeat": hard_repeat,
         "hard_seeds": hard_seeds,
+        "hard_labels": hard_labels,
         "skipped_hard_without_success": skipped,
         "taxonomy_counts": taxonomy_counts(labels),
         "mean_large_fraction_hard": float(np.mean([r["large_calls"] / r["steps"] for r in rows
