@@ -339,7 +339,14 @@ class RoutingEnv(gym.Env):
                 info["executor_event"] = result.executor_event
         return info
 
-    # -- search support (hindsight oracle) -----------------------------------------
+    # -- search support (hindsight oracle, hindsight labels) -----------------------
+    def redraw(self, salt: int) -> bool:
+        """Let the next step draw its random numbers as its ``salt``-th redraw (0: the
+        episode's own); False where the world has none to redraw (``World.redraw``)."""
+        if self._state is None:
+            raise RuntimeError("call reset() before redraw()")
+        return self.world.redraw(self._state, salt)
+
     def snapshot(self) -> Any:
         """Copy of the episode's mutable state; ``restore`` puts it back."""
         return (self.world.copy_state(self._state), self.ledger.copy(), list(self.history), self.success,

@@ -224,6 +224,11 @@ class SynthSection:
             that does what the priciest tier does there, replayed under the episode's
             seed: labels whose mean is the step's gain;
             ``rlrouter.boundary.synthesis.hindsight_trajectory``).
+        hindsight_draws: with ``hindsight``, the draws of each step's random numbers (the
+            episode's own and ``hindsight_draws − 1`` redraws) a label is taken over: a
+            cheaper tier takes the step when it does otherwise than the priciest in at most
+            a ``hindsight_tolerance`` share of them. 1 (default): the one-draw label.
+        hindsight_tolerance: that share, in [0, 1).
         out_dir: default ``runs/<name>/synth``.
     """
 
@@ -237,6 +242,8 @@ class SynthSection:
     hard_repeat: int = 1
     hard_seeds: int = 1
     hard_labels: str = "search"
+    hindsight_draws: int = 1
+    hindsight_tolerance: float = 0.5
     out_dir: str | None = None
 
 
@@ -461,12 +468,18 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
     if not all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in evaluation.random_p):
         raise RecipeError(f"{where}: eval.random_p must be probabilities in [0, 1], got {evaluation.random_p}")
     synth = _section(SynthSection, data.get("synth"), f"{where}: synth")
-    for knob in ("hard_repeat", "hard_seeds"):
+    for knob in ("hard_repeat", "hard_seeds", "hindsight_draws"):
         value = getattr(synth, knob)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise RecipeError(f"{where}: synth.{knob} must be an integer >= 1, got {value!r}")
     if synth.hard_labels not in ("search", "hindsight"):
         raise RecipeError(f"{where}: synth.hard_labels must be 'search' or 'hindsight', got {synth.hard_labels!r}")
+    tolerance = synth.hindsight_tolerance
+    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not 0 <= tolerance < 1:
+        raise RecipeError(f"{where}: synth.hindsight_tolerance must be a number in [0, 1), got {tolerance!r}")
+    if synth.hindsight_draws > 1 and synth.hard_labels != "hindsight":
+        raise RecipeError(f"{where}: synth.hindsight_draws = {synth.hindsight_draws} needs synth.hard_labels: "
+                          "hindsight (the search labels take one draw); set it or leave hindsight_draws out")
     router = _section(RouterSection, data.get("router"), f"{where}: router")
     sft = _section(SFTSettings, data.get("sft"), f"{where}: sft")
     rl = _section(RLConfig, data.get("rl"), f"{where}: rl")

@@ -127,6 +127,9 @@ def test_recipe_errors_name_the_router_field(router, message):
     ({"hard_seeds": 0}, "synth.hard_seeds must be an integer >= 1"),
     ({"hard_repeat": 1.5}, "synth.hard_repeat must be an integer >= 1"),
     ({"hard_labels": "oracle"}, "synth.hard_labels must be 'search' or 'hindsight'"),
+    ({"hard_labels": "hindsight", "hindsight_draws": 0}, "synth.hindsight_draws must be an integer >= 1"),
+    ({"hard_labels": "hindsight", "hindsight_tolerance": 1.0}, r"synth.hindsight_tolerance must be a number in \[0, 1\)"),
+    ({"hindsight_draws": 4}, "needs synth.hard_labels: hindsight"),
 ])
 def test_recipe_errors_name_the_synth_field(synth, message):
     with pytest.raises(RecipeError, match=message):

@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,6 +159,70 @@ def test_hindsight_routes_each_step_to_the_cheapest_tier_that_does_what_the_pric
         assert terminated or truncated
         assert info["success"] == traj.success and info["cost_usd"] == pytest.approx(traj.cost_usd)
     assert checked[0] and checked[1]  # both tiers are labelled somewhere
+
+
+def test_averaged_hindsight_labels_count_the_redraws_where_small_does_otherwise():
+    from rlrouter.boundary.synthesis import hindsight_trajectory
+
+    env = make_routing_env("synthetic", world={"n_train": 10})
+    draws, tolerance, checked = 32, 0.25, {0: 0, 1: 0}
+    gains = []
+    for index, task_id in enumerate(env.task_ids):
+        traj = hindsight_trajectory(env, task_id, Budget(), seed=200 + index, draws=draws, tolerance=tolerance)
+        # independent check with state copies: at each step of the route, count the redraws
+        # in which small fails where large succeeds (the step's uniform is shared by tiers)
+        env.reset(seed=200 + index, options={"task_id": task_id, "budget": Budget()})
+        for action in traj.actions:
+            snapshot, differ = env.snapshot(), 0
+            for r in range(draws):
+                ok = []
+                for tier in range(len(env.pool)):
+                    env.restore(snapshot)
+                    env.redraw(r)
+                    ok.append(env.step(tier)[4]["step_ok"])
+                differ += int(ok[1] and not ok[0])
+            env.restore(snapshot)
+            state = env._state
+            gains.append((env.world.success_probability(state, "large")
+                          - env.world.success_probability(state, "small"), action))
+            assert action == int(differ > tolerance * draws)
+            checked[action] += 1
+            _, _, terminated, truncated, info = env.step(action)  # the episode's own draw
+        assert terminated or truncated
+        assert info["success"] == traj.success and info["cost_usd"] == pytest.approx(traj.cost_usd)
+    assert checked[0] and checked[1]
+    # the label follows the step's gain: large where it is well above the tolerance, small
+    # where it is well below
+    assert all(a == 1 for g, a in gains if g > tolerance + 0.25) and any(g > tolerance + 0.25 for g, _ in gains)
+    assert all(a == 0 for g, a in gains if g < tolerance - 0.2)
+    with pytest.raises(ValueError, match="draws must be an integer"):
+        hindsight_trajectory(env, env.task_ids[0], Budget(), seed=0, draws=0)
+    with pytest.raises(ValueError, match="tolerance must be in"):
+        hindsight_trajectory(env, env.task_ids[0], Budget(), seed=0, draws=2, tolerance=1.0)
+
+
+def test_one_draw_hindsight_is_the_same_for_any_tolerance():
+    from rlrouter.boundary.synthesis import hindsight_trajectory
+
+    env = make_routing_env("synthetic", world={"n_train": 6})
+    for index, task_id in enumerate(env.task_ids):
+        routes = {tol: hindsight_trajectory(env, task_id, Budget(), seed=7 + index, tolerance=tol).actions
+                  for tol in (0.0, 0.5, 0.9)}
+        assert routes[0.0] == routes[0.5] == routes[0.9]
+
+
+def test_synthetic_redraw_changes_only_the_next_steps_draw():
+    env = make_routing_env("synthetic", world={"n_train": 4})
+    env.reset(seed=11, options={"task_id": env.task_ids[0], "budget": Budget()})
+    world, state = env.world, env._state
+    assert env.redraw(0) and state.redraw == 0
+    assert env.redraw(3) and state.redraw == 3
+    # the step's uniform is the salted draw: computed here from numpy, not from the world
+    u = np.random.default_rng([11, state.position, state.attempt, 1, 3]).random(2)[0]
+    p = world.success_probability(state, "small")
+    ok = env.step(0)[4]["step_ok"]
+    assert ok == bool(u < p)
+    assert state.redraw == 0  # the step after it draws the episode's own numbers
 
 
 def test_hindsight_labels_in_synthesis_keep_only_successes():

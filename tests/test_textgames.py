@@ -10,6 +10,7 @@ import time
 
 import gymnasium as gym
 import httpx
+import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
@@ -91,6 +92,30 @@ def test_textworld_seeded_simulated_executor_replays_the_same_episode(tw_spec):
     prompt = env._prompt()
     labels = re.findall(r"^\d+\. \[(?:small|large)\] (\w+):", prompt, re.MULTILINE)
     assert labels and set(labels) <= {"ok", "fatal", "invalid"}
+    env.close()
+
+
+@pytest.mark.slow
+def test_textworld_redraw_replays_one_step_under_fresh_draws(tw_spec):
+    env = gym.make("rlrouter/TextWorld-v0", world=tw_spec, split="test").unwrapped
+    own, _ = play(env, "test-1", 5, lambda i: 0)
+    events = []
+    for salt in range(8):
+        env.reset(seed=5, options={"task_id": "test-1", "budget": Budget()})
+        env.step(0)  # the episode's own first step
+        state = env._state
+        # the second step's command is gold iff its uniform (computed here from numpy, with
+        # the salt as the last key) is below small's success probability
+        u = np.random.default_rng([state.seed, 1, 1, *([salt] if salt else [])]).random(3)[0]
+        p = env.world.success_probability(state, "small")
+        assert env.redraw(salt) and state.redraw == salt
+        _, _, terminated, truncated, info = env.step(0)
+        assert (info["executor_event"] == "gold") == bool(u < p)
+        assert state.redraw == 0  # later steps draw the episode's own numbers
+        events.append(info["executor_event"])
+        if salt == 0:  # redraw 0 is the episode's own step
+            assert env.history[-1][2] == own[1]["obs"] and info["executor_event"] == own[1]["executor_event"]
+    assert len(set(events)) > 1  # the redraws do differ
     env.close()
 
 

@@ -119,6 +119,13 @@ class World(ABC):
         """An independent copy of an episode state (for snapshots)."""
         return copy.deepcopy(state)
 
+    def redraw(self, state: Any, salt: int) -> bool:
+        """Make the next step of ``state`` draw its random numbers afresh, as its ``salt``-th
+        redraw (0: the episode's own draws); the steps after it draw as before. Hindsight
+        labels average a step over such redraws. False (and nothing changes) where a step
+        has no randomness of the world's to redraw, as with recorded outcomes."""
+        return False
+
     def cost_to_go_lower_bound(self, state: Any) -> float:
         """Lower bound on the cost of finishing the task successfully (0 if unknown)."""
         return 0.0

@@ -170,6 +170,7 @@ class SyntheticState:
     done: bool = False
     success: bool = False
     events: list[str] = field(default_factory=list)
+    redraw: int = 0  # > 0: the next step draws its random numbers afresh (World.redraw)
 
 
 class SyntheticWorld(World):
@@ -301,7 +302,12 @@ class SyntheticWorld(World):
         return self.config.system_tokens + state.task_tokens + state.history_tokens
 
     def _rng(self, state: SyntheticState, *stream: int) -> np.random.Generator:
-        return np.random.default_rng([state.seed, state.position, state.attempt, *stream])
+        return np.random.default_rng([state.seed, state.position, state.attempt, *stream,
+                                      *([state.redraw] if state.redraw else [])])
+
+    def redraw(self, state: SyntheticState, salt: int) -> bool:
+        state.redraw = int(salt)
+        return True
 
     def success_probability(self, state: SyntheticState, tier_name: str) -> float:
         """P(correct step) for ``tier_name`` at the current sub-goal (hidden from routers)."""
@@ -326,6 +332,7 @@ class SyntheticWorld(World):
         ok = bool(u_correct < self.success_probability(state, tier.name))
         step_text = task.step_texts[state.position]
         state.steps_taken += 1
+        state.redraw = 0
         if ok:
             state.position += 1
             state.attempt = 0

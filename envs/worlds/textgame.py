@@ -155,6 +155,7 @@ class TextGameState:
     history: list[tuple[str, str]] = field(default_factory=list)  # (command, observation)
     done: bool = False
     success: bool = False
+    redraw: int = 0  # > 0: the next step draws its random numbers afresh (World.redraw)
 
 
 class TextGameWorld(World):
@@ -307,7 +308,14 @@ class TextGameWorld(World):
         return 1.0 / (1.0 + math.exp(-self.config.sharpness * (self.executors[tier_name].skill - d)))
 
     def rng(self, state: TextGameState, stream: int) -> np.random.Generator:
-        return np.random.default_rng([state.seed, state.steps_taken, stream])
+        # Common random numbers: stream 1 (the command) is shared by all tiers at a step.
+        return np.random.default_rng([state.seed, state.steps_taken, stream, *([state.redraw] if state.redraw else [])])
+
+    def redraw(self, state: TextGameState, salt: int) -> bool:
+        # A simulated executor's command and token counts come from ``rng``; a served
+        # model's reply is its own draw, which no salt changes.
+        state.redraw = int(salt)
+        return True
 
     def simulated_command(self, state: TextGameState, tier: Tier) -> tuple[str, str]:
         """(command, what it is) a simulated executor writes now: the ``gold`` one, a
@@ -353,6 +361,7 @@ class TextGameWorld(World):
                 state.plan = state.plan[1:]
             state.observation = observation
         state.steps_taken += 1
+        state.redraw = 0
         state.history.append((move.command or "(none)", clean_text(feedback, 300)))
         # What an agent framework sees: the command was played ("ok"), was not a command
         # ("invalid"), or lost the game ("fatal"). Whether it was the right command is hidden.

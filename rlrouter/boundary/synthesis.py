@@ -7,7 +7,8 @@
   succeeds: the always-priciest trajectory when it succeeds, else the task is left out and
   counted. ``hard_labels: hindsight`` routes each step of a hard task to the cheapest tier
   that does what the priciest tier does there, in hindsight, instead (labels whose mean is
-  the step's gain). With
+  the step's gain; with ``hindsight_draws`` > 1, taken over redraws of each step, labels
+  that threshold the gain). With
   ``hard_seeds`` > 1 this is done under that many episode seeds per hard
   task: fresh draws of the world, so fresh labels (``hard_repeat`` copies one).
 
@@ -141,16 +142,20 @@ def prune_calls(env: RoutingEnv, task_id: str, budget: Budget, seed: int, traj: 
     return traj
 
 
-def replay_route(env: RoutingEnv, task_id: str, budget: Budget, seed: int, route: list[int]) -> tuple[tuple, bool]:
+def replay_route(env: RoutingEnv, task_id: str, budget: Budget, seed: int, route: list[int],
+                 redraw: int = 0) -> tuple[tuple, bool]:
     """Replay ``route`` from the episode's start (same seed): (its last step's outcome, did
     the episode end there). The outcome is what the step did as the environment shows it
     (event and observation), the same for two tiers only if they did the same thing. A tier
-    the budget forbids is remapped as in an episode."""
+    the budget forbids is remapped as in an episode. ``redraw`` > 0 plays the last step
+    under that redraw of its random numbers (``RoutingEnv.redraw``)."""
     env.reset(seed=seed, options={"task_id": task_id, "budget": budget})
-    for action in route:
+    for index, action in enumerate(route):
         mask = np.asarray(env.view()["action_mask"], dtype=np.int8)
         if mask.any() and not mask[action]:
             action = nearest_allowed(action, mask)
+        if redraw and index == len(route) - 1:
+            env.redraw(redraw)
         _, _, terminated, truncated, _ = env.step(action)
         if terminated or truncated:
             break
@@ -158,7 +163,8 @@ def replay_route(env: RoutingEnv, task_id: str, budget: Budget, seed: int, route
     return (event, observation), bool(terminated or truncated)
 
 
-def hindsight_trajectory(env: RoutingEnv, task_id: str, budget: Budget, seed: int) -> Trajectory:
+def hindsight_trajectory(env: RoutingEnv, task_id: str, budget: Budget, seed: int, draws: int = 1,
+                         tolerance: float = 0.5) -> Trajectory:
     """Route every step to the cheapest tier that does what the priciest tier does there,
     in hindsight: the same event and observation under the episode's seed.
 
@@ -169,16 +175,29 @@ def hindsight_trajectory(env: RoutingEnv, task_id: str, budget: Budget, seed: in
     (``cheapest_successful``) marks wherever a sampled route happened to succeed. It needs
     no hidden outcome: in a text game, where every played command is "ok", the tiers
     differ by the command's effect on the game. Each step is found by replaying the route
-    so far (any world, no state copy): O(steps²) environment steps per episode."""
+    so far (any world, no state copy): O(steps²) environment steps per episode.
+
+    With ``draws`` > 1 each step is also played under ``draws − 1`` redraws of its random
+    numbers (``RoutingEnv.redraw``; the route so far stays the episode's own), and a
+    cheaper tier takes the step when it does otherwise than the priciest tier in at most a
+    ``tolerance`` share of the draws: the label becomes "the pricier tier's gain here is
+    above ``tolerance``", a function of the step rather than one Bernoulli draw of it. The
+    episode goes on under its own draws, so the route may fail where the priciest tier
+    would not have. ``draws = 1`` is the rule above for any ``tolerance`` < 1."""
+    if not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be an integer >= 1, got {draws!r}")
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
     top = len(env.pool) - 1
     route: list[int] = []
     while True:
-        reference, ended = replay_route(env, task_id, budget, seed, route + [top])
-        tier = top
+        reference = [replay_route(env, task_id, budget, seed, route + [top], redraw=r) for r in range(draws)]
+        tier, ended = top, reference[0][1]
         for cheaper in range(top):
-            outcome, done = replay_route(env, task_id, budget, seed, route + [cheaper])
-            if outcome == reference:
-                tier, ended = cheaper, done
+            outcomes = [replay_route(env, task_id, budget, seed, route + [cheaper], redraw=r) for r in range(draws)]
+            differ = sum(o != ref for (o, _), (ref, _) in zip(outcomes, reference))
+            if differ <= tolerance * draws:
+                tier, ended = cheaper, outcomes[0][1]
                 break
         route.append(tier)
         if ended:
@@ -188,13 +207,15 @@ def hindsight_trajectory(env: RoutingEnv, task_id: str, budget: Budget, seed: in
 
 def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed: int = 0, k_boundary: int = 5,
                theta: float = 0.5, n_strata: int = 4, samples: int = 4, hard_repeat: int = 1, hard_seeds: int = 1,
-               hard_labels: str = "search", progress: bool = True):
+               hard_labels: str = "search", hindsight_draws: int = 1, hindsight_tolerance: float = 0.5,
+               progress: bool = True):
     """Boundary runs, taxonomy and stratified synthesis. Returns (dataset, stats, labels, report).
 
     Each hard task is searched under ``hard_seeds`` episode seeds (each with its own budget
     draw and its own cheapest success); ``hard_repeat`` then copies every hard row.
     ``hard_labels`` picks how a hard task's route is found: ``search`` (the stratified search
-    for the cheapest success, pruned) or ``hindsight`` (``hindsight_trajectory``)."""
+    for the cheapest success, pruned) or ``hindsight`` (``hindsight_trajectory`` with
+    ``hindsight_draws`` and ``hindsight_tolerance``)."""
     if hard_labels not in HARD_LABELS:
         raise ValueError(f"hard_labels must be one of {HARD_LABELS}, got {hard_labels!r}")
     from datasets import Dataset
@@ -211,11 +232,14 @@ def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed
             episode_seed = int(rng.integers(2**31 - 1))
             if labels[task_id] == "hard":
                 if hard_labels == "hindsight":
-                    traj = hindsight_trajectory(env, task_id, budget, episode_seed)
+                    traj = hindsight_trajectory(env, task_id, budget, episode_seed, hindsight_draws,
+                                                hindsight_tolerance)
                     traj = traj if traj.success else None
                 else:
                     traj = cheapest_successful(env, task_id, budget, episode_seed, n_strata, samples)
-                if traj is None:
+                # Averaged hindsight labels get no always-priciest fallback: "the priciest
+                # everywhere" is not what they say (one draw keeps it, as it was measured).
+                if traj is None and (hard_labels == "search" or hindsight_draws == 1):
                     fallback = play_trajectory(env, task_id, budget, episode_seed, lambda view: top)
                     traj = fallback if fallback.success else None
             else:
@@ -246,6 +270,8 @@ def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed
         "hard_repeat": hard_repeat,
         "hard_seeds": hard_seeds,
         "hard_labels": hard_labels,
+        "hindsight_draws": hindsight_draws,
+        "hindsight_tolerance": hindsight_tolerance,
         "skipped_hard_without_success": skipped,
         "taxonomy_counts": taxonomy_counts(labels),
         "mean_large_fraction_hard": float(np.mean([r["large_calls"] / r["steps"] for r in rows
