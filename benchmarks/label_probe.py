@@ -16,7 +16,16 @@ task so no task's steps are on both sides, on each representation of the step pr
 mean-pooled over the prompt cut as the router reads it). The label is "the priciest tier";
 AUC 0.5 is chance.
 
-usage: python benchmarks/label_probe.py RECIPE [--layers 15,30] [--folds 4] [--json OUT.json]
+``--hidden-gain TAU`` also probes, at the very same decisions, the hidden label a clean
+synthesis would write: "the priciest tier's gain at this step (P(priciest does it) −
+P(cheapest does), the world's executor model) is at least TAU". Each row's episode is
+replayed (its budget and seed as ``synthesize`` drew them, ``episode_draw``; the replay must
+give the row's cost and outcome) to read the gain before each decision. If the hidden label
+is predictable here and the synthesized one is not, the labels' noise is the deficit; if
+neither is, it is the decisions (which steps, how many). Worlds with simulated executors only.
+
+usage: python benchmarks/label_probe.py RECIPE [--layers 15,30] [--folds 4] [--hidden-gain 0.3]
+                                       [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ def main() -> None:
     parser.add_argument("recipe")
     parser.add_argument("--layers", default="15,30", help="base layers to probe (0 = embeddings)")
     parser.add_argument("--folds", type=int, default=4, help="task-grouped cross-validation folds")
+    parser.add_argument("--hidden-gain", type=float, help="also probe the hidden label gain >= this")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -66,6 +76,14 @@ def main() -> None:
             label.append(parse_tolerant(route, names, names[0]).tier == names[-1])
             groups.append(task)
     label, groups = np.array(label), np.array(groups)
+    labels = {"synthesized": label}
+    if args.hidden_gain is not None:
+        gains = decision_gains(recipe, dataset)
+        labels[f"gain>={args.hidden_gain:g}"] = gains >= args.hidden_gain
+        agree = float(np.mean(labels[f"gain>={args.hidden_gain:g}"] == label))
+        print(f"hidden gain at the decisions: mean {gains.mean():.3f}; share >= {args.hidden_gain:g} "
+              f"{np.mean(gains >= args.hidden_gain):.3f}; agreement with the synthesized label {agree:.3f}",
+              flush=True)
     folds = min(args.folds, len(set(groups)))
     print(f"{recipe.name}: {len(texts)} synthesized decisions of {len(set(groups))} tasks; "
           f"{label.mean():.3f} labelled {names[-1]}", flush=True)
@@ -89,23 +107,74 @@ def main() -> None:
 
     results = {}
     for name, feats in features.items():
-        scores = np.zeros(len(texts))
-        for train, test in GroupKFold(n_splits=folds).split(feats, label, groups):
-            probe = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=8, cv=3, scoring="roc_auc", max_iter=2000))
-            probe.fit(feats[train], label[train])
-            scores[test] = probe.predict_proba(feats[test])[:, 1]
-        results[name] = {"auc": round(float(roc_auc_score(label, scores)), 4), "dim": int(feats.shape[1])}
+        results[name] = {"dim": int(feats.shape[1])}
+        for which, target in labels.items():
+            scores = np.zeros(len(texts))
+            for train, test in GroupKFold(n_splits=folds).split(feats, target, groups):
+                probe = make_pipeline(StandardScaler(),
+                                      LogisticRegressionCV(Cs=8, cv=3, scoring="roc_auc", max_iter=2000))
+                probe.fit(feats[train], target[train])
+                scores[test] = probe.predict_proba(feats[test])[:, 1]
+            results[name]["auc" if which == "synthesized" else f"auc {which}"] = round(
+                float(roc_auc_score(target, scores)), 4)
     print(f"\nbase: {recipe.router.base}; {folds} task-grouped folds")
-    print(f"| probe | features | out-of-fold AUC ({names[-1]} label) |")
-    print("|---|---|---|")
+    extra = [w for w in labels if w != "synthesized"]
+    print(f"| probe | features | out-of-fold AUC ({names[-1]} label) |" + "".join(f" AUC ({w}) |" for w in extra))
+    print("|---|---|---|" + "---|" * len(extra))
     for name, r in results.items():
-        print(f"| {name} | {r['dim']} | {r['auc']:.3f} |")
+        print(f"| {name} | {r['dim']} | {r['auc']:.3f} |" + "".join(f" {r[f'auc {w}']:.3f} |" for w in extra))
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"recipe": recipe.name, "base": recipe.router.base, "decisions": len(texts),
                        "priciest_share": float(label.mean()), "folds": folds, "results": results,
                        "seconds": seconds}, handle, indent=1)
+
+
+def decision_gains(recipe, dataset):
+    """The priciest tier's hidden gain before every synthesized decision, in dataset order:
+    each row's route replayed under the budget and seed ``synthesize`` drew for it."""
+    import numpy as np
+
+    from rlrouter.boundary.synthesis import episode_draw
+    from rlrouter.router.prompt import parse_tolerant
+
+    env = recipe.make_env(recipe.synth.split)
+    world, names = env.world, recipe.pool.names
+    if not hasattr(world, "success_probability"):
+        raise SystemExit(f"--hidden-gain: the {world.name!r} world has no executor model to read a gain from")
+    task_ids = env.task_ids[: recipe.synth.tasks]
+    budgets = recipe.synth_budgets()
+    gains, cache = [], {}
+    for row in dataset:
+        route = [names.index(parse_tolerant(m["content"], names, names[0]).tier)
+                 for m in row["messages"] if m["role"] == "assistant"]
+        key = (row["task_id"], tuple(route), row["budget"], row["cost_usd"])
+        if key not in cache:
+            draws = recipe.synth.hard_seeds if row["taxonomy"] == "hard" else 1
+            for draw in range(draws):
+                budget, seed = episode_draw(recipe.seed, task_ids.index(row["task_id"]), draw, budgets)
+                if budget.label != row["budget"]:
+                    continue
+                env.reset(seed=seed, options={"task_id": row["task_id"], "budget": budget})
+                found = []
+                for action in route:
+                    state = env._state
+                    found.append(world.success_probability(state, names[-1])
+                                 - world.success_probability(state, names[0]))
+                    _, _, terminated, truncated, info = env.step(action)
+                    if terminated or truncated:
+                        break
+                if (len(found) == len(route) and bool(info["success"]) == row["success"]
+                        and abs(info["cost_usd"] - row["cost_usd"]) < 1e-9):
+                    cache[key] = found
+                    break
+            else:
+                raise SystemExit(f"{row['task_id']}: no draw of synthesize replays this row (cost "
+                                 f"{row['cost_usd']}); was the dataset made by this code and recipe?")
+        gains.extend(cache[key])
+    env.close()
+    return np.array(gains)
 
 
 if __name__ == "__main__":

@@ -205,6 +205,13 @@ def hindsight_trajectory(env: RoutingEnv, task_id: str, budget: Budget, seed: in
                 route[len(view["history"])] if len(view["history"]) < len(route) else 0))
 
 
+def episode_draw(seed: int, index: int, draw: int, budgets: list[Budget]) -> tuple[Budget, int]:
+    """(budget, episode seed) of draw ``draw`` of the ``index``-th synthesized task. Draw 0
+    keeps the seeding of a single draw, so ``hard_seeds = 1`` is the old dataset."""
+    rng = np.random.default_rng([seed, 17, index] if draw == 0 else [seed, 17, index, draw])
+    return budgets[int(rng.integers(len(budgets)))], int(rng.integers(2**31 - 1))
+
+
 def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed: int = 0, k_boundary: int = 5,
                theta: float = 0.5, n_strata: int = 4, samples: int = 4, hard_repeat: int = 1, hard_seeds: int = 1,
                hard_labels: str = "search", hindsight_draws: int = 1, hindsight_tolerance: float = 0.5,
@@ -226,10 +233,7 @@ def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed
     rows, skipped = [], []
     for index, task_id in enumerate(tqdm(task_ids, desc="synthesis", disable=not progress, leave=False)):
         for draw in range(hard_seeds if labels[task_id] == "hard" else 1):
-            # Draw 0 keeps the seeding of a single draw, so hard_seeds = 1 is the old dataset.
-            rng = np.random.default_rng([seed, 17, index] if draw == 0 else [seed, 17, index, draw])
-            budget = budgets[int(rng.integers(len(budgets)))]
-            episode_seed = int(rng.integers(2**31 - 1))
+            budget, episode_seed = episode_draw(seed, index, draw, budgets)
             if labels[task_id] == "hard":
                 if hard_labels == "hindsight":
                     traj = hindsight_trajectory(env, task_id, budget, episode_seed, hindsight_draws,
