@@ -68,21 +68,24 @@ def main() -> None:
                          f"`python -m rlrouter synth {args.recipe}` first")
     dataset = load_from_disk(str(data_dir))
     names = recipe.pool.names
-    texts, label, groups = [], [], []
+    texts, label, groups, routes = [], [], [], []
     for messages, prompts, task in zip(dataset["messages"], dataset["step_prompts"], dataset["task_id"]):
-        routes = [m["content"] for m in messages if m["role"] == "assistant"]
-        for prompt, route in zip(prompts, routes):
+        route = [names.index(parse_tolerant(m["content"], names, names[0]).tier)
+                 for m in messages if m["role"] == "assistant"]
+        routes.append(route)
+        for prompt, action in zip(prompts, route):
             texts.append(prompt)
-            label.append(parse_tolerant(route, names, names[0]).tier == names[-1])
+            label.append(action == len(names) - 1)
             groups.append(task)
     label, groups = np.array(label), np.array(groups)
     labels = {"synthesized": label}
     if args.hidden_gain is not None:
-        gains = decision_gains(recipe, dataset)
-        labels[f"gain>={args.hidden_gain:g}"] = gains >= args.hidden_gain
-        agree = float(np.mean(labels[f"gain>={args.hidden_gain:g}"] == label))
+        gains = decision_gains(recipe, dataset, routes)
+        hidden = f"gain>={args.hidden_gain:g}"
+        labels[hidden] = gains >= args.hidden_gain
+        agree = float(np.mean(labels[hidden] == label))
         print(f"hidden gain at the decisions: mean {gains.mean():.3f}; share >= {args.hidden_gain:g} "
-              f"{np.mean(gains >= args.hidden_gain):.3f}; agreement with the synthesized label {agree:.3f}",
+              f"{labels[hidden].mean():.3f}; agreement with the synthesized label {agree:.3f}",
               flush=True)
     folds = min(args.folds, len(set(groups)))
     print(f"{recipe.name}: {len(texts)} synthesized decisions of {len(set(groups))} tasks; "
@@ -131,50 +134,57 @@ def main() -> None:
                        "seconds": seconds}, handle, indent=1)
 
 
-def decision_gains(recipe, dataset):
+def decision_gains(recipe, dataset, routes):
     """The priciest tier's hidden gain before every synthesized decision, in dataset order:
-    each row's route replayed under the budget and seed ``synthesize`` drew for it."""
+    each row's route (tier indices) replayed under the budget and seed ``synthesize`` drew for it."""
     import numpy as np
 
     from rlrouter.boundary.synthesis import episode_draw
-    from rlrouter.router.prompt import parse_tolerant
 
     env = recipe.make_env(recipe.synth.split)
-    world, names = env.world, recipe.pool.names
-    if not hasattr(world, "success_probability"):
-        raise SystemExit(f"--hidden-gain: the {world.name!r} world has no executor model to read a gain from")
+    if not hasattr(env.world, "success_probability"):
+        raise SystemExit(f"--hidden-gain: the {env.world.name!r} world has no executor model to read a gain from")
     task_ids = env.task_ids[: recipe.synth.tasks]
     budgets = recipe.synth_budgets()
     gains, cache = [], {}
-    for row in dataset:
-        route = [names.index(parse_tolerant(m["content"], names, names[0]).tier)
-                 for m in row["messages"] if m["role"] == "assistant"]
+    for row, route in zip(dataset, routes):
         key = (row["task_id"], tuple(route), row["budget"], row["cost_usd"])
         if key not in cache:
-            draws = recipe.synth.hard_seeds if row["taxonomy"] == "hard" else 1
-            for draw in range(draws):
-                budget, seed = episode_draw(recipe.seed, task_ids.index(row["task_id"]), draw, budgets)
-                if budget.label != row["budget"]:
-                    continue
-                env.reset(seed=seed, options={"task_id": row["task_id"], "budget": budget})
-                found = []
-                for action in route:
-                    state = env._state
-                    found.append(world.success_probability(state, names[-1])
-                                 - world.success_probability(state, names[0]))
-                    _, _, terminated, truncated, info = env.step(action)
-                    if terminated or truncated:
-                        break
-                if (len(found) == len(route) and bool(info["success"]) == row["success"]
-                        and abs(info["cost_usd"] - row["cost_usd"]) < 1e-9):
-                    cache[key] = found
-                    break
-            else:
-                raise SystemExit(f"{row['task_id']}: no draw of synthesize replays this row (cost "
-                                 f"{row['cost_usd']}); was the dataset made by this code and recipe?")
+            index = task_ids.index(row["task_id"])
+            draws = [episode_draw(recipe.seed, index, draw, budgets)
+                     for draw in range(recipe.synth.hard_seeds if row["taxonomy"] == "hard" else 1)]
+            cache[key] = row_gains(env, row, route, draws)
         gains.extend(cache[key])
     env.close()
     return np.array(gains)
+
+
+def row_gains(env, row, route, draws):
+    """The gains along the first of ``draws`` (budget, seed) that replays ``row``."""
+    for budget, seed in draws:
+        if budget.label == row["budget"]:
+            found = replay_gains(env, row, route, budget, seed)
+            if found is not None:
+                return found
+    raise SystemExit(f"{row['task_id']}: no draw of synthesize replays this row (cost "
+                     f"{row['cost_usd']}); was the dataset made by this code and recipe?")
+
+
+def replay_gains(env, row, route, budget, seed):
+    """The priciest tier's gain before each step of ``route`` replayed from ``reset(seed)``,
+    or None where the replay does not end as the row did (its cost and outcome)."""
+    world, names = env.world, env.pool.names
+    env.reset(seed=seed, options={"task_id": row["task_id"], "budget": budget})
+    found = []
+    for action in route:
+        found.append(world.success_probability(env._state, names[-1])
+                     - world.success_probability(env._state, names[0]))
+        _, _, terminated, truncated, info = env.step(action)
+        if terminated or truncated:
+            break
+    same = (len(found) == len(route) and bool(info["success"]) == row["success"]
+            and abs(info["cost_usd"] - row["cost_usd"]) < 1e-9)
+    return found if same else None
 
 
 if __name__ == "__main__":
