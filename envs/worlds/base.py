@@ -67,6 +67,12 @@ def _tuplify(value):
     return tuple(_tuplify(v) for v in value) if isinstance(value, list) else value
 
 
+def draw_key(*key: int, redraw: int = 0) -> list[int]:
+    """The seed of a step's common random numbers: the step's key, and the salt of a
+    ``World.redraw`` last where there is one (salt 0: the episode's own draws, key as is)."""
+    return [*key, redraw] if redraw else list(key)
+
+
 class World(ABC):
     """A task family the router routes agent steps in."""
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from envs.pool import Pool, Tier
 from envs.tokens import count_tokens
-from envs.worlds.base import EndpointRoundTrip, RouterView, StepResult, World, config_from_dict
+from envs.worlds.base import EndpointRoundTrip, RouterView, StepResult, World, config_from_dict, draw_key
 
 THEMES = [
     ("Data pipeline", ["the sensor log", "the ingestion job", "the nightly export", "the event stream"]),
@@ -302,8 +302,8 @@ class SyntheticWorld(World):
         return self.config.system_tokens + state.task_tokens + state.history_tokens
 
     def _rng(self, state: SyntheticState, *stream: int) -> np.random.Generator:
-        return np.random.default_rng([state.seed, state.position, state.attempt, *stream,
-                                      *([state.redraw] if state.redraw else [])])
+        return np.random.default_rng(draw_key(state.seed, state.position, state.attempt, *stream,
+                                              redraw=state.redraw))
 
     def redraw(self, state: SyntheticState, salt: int) -> bool:
         state.redraw = int(salt)

@@ -53,7 +53,7 @@ import numpy as np
 from envs.executors import ExecutorError, build_executor
 from envs.pool import Pool, Tier
 from envs.tokens import count_tokens
-from envs.worlds.base import RouterView, StepResult, World, config_from_dict
+from envs.worlds.base import RouterView, StepResult, World, config_from_dict, draw_key
 
 PRINTABLE = set(string.printable)
 
@@ -309,7 +309,7 @@ class TextGameWorld(World):
 
     def rng(self, state: TextGameState, stream: int) -> np.random.Generator:
         # Common random numbers: stream 1 (the command) is shared by all tiers at a step.
-        return np.random.default_rng([state.seed, state.steps_taken, stream, *([state.redraw] if state.redraw else [])])
+        return np.random.default_rng(draw_key(state.seed, state.steps_taken, stream, redraw=state.redraw))
 
     def redraw(self, state: TextGameState, salt: int) -> bool:
         # A simulated executor's command and token counts come from ``rng``; a served
