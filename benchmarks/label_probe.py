@@ -80,7 +80,9 @@ def main() -> None:
     label, groups = np.array(label), np.array(groups)
     labels = {"synthesized": label}
     if args.hidden_gain is not None:
-        gains = decision_gains(recipe, dataset, routes)
+        # the tiers the episodes played (relabelled rows write others; older datasets have no column)
+        played = dataset["played"] if "played" in dataset.column_names else routes
+        gains = decision_gains(recipe, dataset, played)
         hidden = f"gain>={args.hidden_gain:g}"
         labels[hidden] = gains >= args.hidden_gain
         agree = float(np.mean(labels[hidden] == label))
@@ -136,7 +138,7 @@ def main() -> None:
 
 def decision_gains(recipe, dataset, routes):
     """The priciest tier's hidden gain before every synthesized decision, in dataset order:
-    each row's route (tier indices) replayed under the budget and seed ``synthesize`` drew for it."""
+    each row's played route (tier indices) replayed under the budget and seed ``synthesize`` drew for it."""
     import numpy as np
 
     from rlrouter.boundary.synthesis import episode_draw

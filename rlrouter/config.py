@@ -29,6 +29,7 @@ import yaml
 from envs import Budget, Pool, RoutingEnv, build_world
 from envs.budget import parse_budgets as budget_list
 from envs.worlds import World
+from rlrouter.boundary.synthesis import HARD_LABELS
 from rlrouter.rl.config import RLConfig
 from rlrouter.sft.train import SFTSettings
 
@@ -223,12 +224,15 @@ class SynthSection:
             the cheapest success, pruned) or ``hindsight`` (each step to the cheapest tier
             that does what the priciest tier does there, replayed under the episode's
             seed: labels whose mean is the step's gain;
-            ``rlrouter.boundary.synthesis.hindsight_trajectory``).
-        hindsight_draws: with ``hindsight``, the draws of each step's random numbers (the
+            ``rlrouter.boundary.synthesis.hindsight_trajectory``), or ``relabel`` (those
+            labels written at the states a random route visits, failed episodes too:
+            ``relabeled_trajectory``).
+        hindsight_draws: with ``hindsight`` or ``relabel``, the draws of each step's random numbers (the
             episode's own and ``hindsight_draws − 1`` redraws) a label is taken over: a
             cheaper tier takes the step when it does otherwise than the priciest in at most
             a ``hindsight_tolerance`` share of them. 1 (default): the one-draw label.
         hindsight_tolerance: that share, in [0, 1).
+        relabel_p: with ``relabel``, the random route's P(priciest tier) at each step.
         out_dir: default ``runs/<name>/synth``.
     """
 
@@ -244,6 +248,7 @@ class SynthSection:
     hard_labels: str = "search"
     hindsight_draws: int = 1
     hindsight_tolerance: float = 0.5
+    relabel_p: float = 0.5
     out_dir: str | None = None
 
 
@@ -472,14 +477,17 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
         value = getattr(synth, knob)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise RecipeError(f"{where}: synth.{knob} must be an integer >= 1, got {value!r}")
-    if synth.hard_labels not in ("search", "hindsight"):
-        raise RecipeError(f"{where}: synth.hard_labels must be 'search' or 'hindsight', got {synth.hard_labels!r}")
+    if synth.hard_labels not in HARD_LABELS:
+        raise RecipeError(f"{where}: synth.hard_labels must be one of {list(HARD_LABELS)}, got {synth.hard_labels!r}")
     tolerance = synth.hindsight_tolerance
     if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not 0 <= tolerance < 1:
         raise RecipeError(f"{where}: synth.hindsight_tolerance must be a number in [0, 1), got {tolerance!r}")
-    if synth.hindsight_draws > 1 and synth.hard_labels != "hindsight":
+    if synth.hindsight_draws > 1 and synth.hard_labels == "search":
         raise RecipeError(f"{where}: synth.hindsight_draws = {synth.hindsight_draws} needs synth.hard_labels: "
-                          "hindsight (the search labels take one draw); set it or leave hindsight_draws out")
+                          "hindsight or relabel (the search labels take one draw); set it or leave hindsight_draws out")
+    p = synth.relabel_p
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p <= 1:
+        raise RecipeError(f"{where}: synth.relabel_p must be a probability in [0, 1], got {p!r}")
     router = _section(RouterSection, data.get("router"), f"{where}: router")
     sft = _section(SFTSettings, data.get("sft"), f"{where}: sft")
     rl = _section(RLConfig, data.get("rl"), f"{where}: rl")

@@ -21,7 +21,7 @@ def run_synth(recipe: Recipe, out_dir: str | Path | None = None, progress: bool 
         env, env.task_ids[: cfg.tasks], recipe.synth_budgets(), seed=recipe.seed, k_boundary=cfg.boundary_k,
         theta=cfg.taxonomy_threshold, n_strata=cfg.n_strata, samples=cfg.samples, hard_repeat=cfg.hard_repeat,
         hard_seeds=cfg.hard_seeds, hard_labels=cfg.hard_labels, hindsight_draws=cfg.hindsight_draws,
-        hindsight_tolerance=cfg.hindsight_tolerance, progress=progress)
+        hindsight_tolerance=cfg.hindsight_tolerance, relabel_p=cfg.relabel_p, progress=progress)
     out = save_synthesis(Path(out_dir) if out_dir else recipe.synth_dir(), dataset, stats, labels, report)
     write_boundary_report(out, stats, labels, title=f"{recipe.name}: boundary runs ({cfg.split})")
     return {"dir": out, "report": report, "dataset": dataset}

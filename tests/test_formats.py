@@ -126,10 +126,11 @@ def test_recipe_errors_name_the_router_field(router, message):
 @pytest.mark.parametrize("synth, message", [
     ({"hard_seeds": 0}, "synth.hard_seeds must be an integer >= 1"),
     ({"hard_repeat": 1.5}, "synth.hard_repeat must be an integer >= 1"),
-    ({"hard_labels": "oracle"}, "synth.hard_labels must be 'search' or 'hindsight'"),
+    ({"hard_labels": "oracle"}, r"synth.hard_labels must be one of \['search', 'hindsight', 'relabel'\]"),
     ({"hard_labels": "hindsight", "hindsight_draws": 0}, "synth.hindsight_draws must be an integer >= 1"),
     ({"hard_labels": "hindsight", "hindsight_tolerance": 1.0}, r"synth.hindsight_tolerance must be a number in \[0, 1\)"),
-    ({"hindsight_draws": 4}, "needs synth.hard_labels: hindsight"),
+    ({"hindsight_draws": 4}, "needs synth.hard_labels: hindsight or relabel"),
+    ({"hard_labels": "relabel", "relabel_p": 1.5}, r"synth.relabel_p must be a probability in \[0, 1\]"),
 ])
 def test_recipe_errors_name_the_synth_field(synth, message):
     with pytest.raises(RecipeError, match=message):

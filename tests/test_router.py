@@ -236,6 +236,63 @@ def test_hindsight_labels_in_synthesis_keep_only_successes():
         synthesize(env, env.task_ids, [Budget()], hard_labels="oracle", **kwargs)
 
 
+def test_relabeled_states_carry_the_hindsight_labels_of_a_random_route():
+    from rlrouter.boundary.synthesis import relabeled_trajectory
+    from rlrouter.router.prompt import parse_tolerant
+
+    env = make_routing_env("synthetic", world={"n_train": 8})
+    draws, tolerance, p = 16, 0.25, 0.5
+    written, played_large, relabelled = {0: 0, 1: 0}, 0, 0
+    for index, task_id in enumerate(env.task_ids):
+        seed = 300 + index
+        traj = relabeled_trajectory(env, task_id, Budget(), seed, p, draws=draws, tolerance=tolerance)
+        routes = [parse_tolerant(m["content"], env.pool.names, "small").tier
+                  for m in traj.messages if m["role"] == "assistant"]
+        # independent check: the behaviour route drawn here from numpy, and at each of its
+        # states the redraws in which small fails where large succeeds, by state copies
+        behaviour = np.random.default_rng([seed, 23])
+        env.reset(seed=seed, options={"task_id": task_id, "budget": Budget()})
+        for step, action in enumerate(traj.actions):
+            assert action == int(behaviour.random() < p)
+            snapshot, differ = env.snapshot(), 0
+            for r in range(draws):
+                ok = []
+                for tier in range(len(env.pool)):
+                    env.restore(snapshot)
+                    env.redraw(r)
+                    ok.append(env.step(tier)[4]["step_ok"])
+                differ += int(ok[1] and not ok[0])
+            env.restore(snapshot)
+            label = int(differ > tolerance * draws)
+            assert traj.labels[step] == label and routes[step] == env.pool.names[label]
+            written[label] += 1
+            played_large += action
+            _, _, terminated, truncated, info = env.step(action)
+        assert terminated or truncated
+        assert info["success"] == traj.success and info["cost_usd"] == pytest.approx(traj.cost_usd)
+        relabelled += traj.labels != traj.actions
+    assert written[0] and written[1] and played_large
+    assert relabelled  # the labels are not the played route
+    # in synthesis: hard tasks' rows keep failed episodes, count the written tiers and
+    # record the played ones
+    env = make_routing_env("synthetic", world={"n_train": 20})
+    ds, _, labels, report = synthesize(env, env.task_ids, [Budget()], seed=0, k_boundary=2, n_strata=2, samples=2,
+                                       hard_labels="relabel", hindsight_draws=4, relabel_p=0.5, progress=False)
+    assert report["hard_labels"] == "relabel" and report["relabel_p"] == 0.5
+    hard_rows = [r for r in ds.to_list() if r["taxonomy"] == "hard"]
+    assert len(hard_rows) == sum(v == "hard" for v in labels.values())  # none left out
+    for r in hard_rows:
+        routes = [parse_tolerant(m["content"], env.pool.names, "small").tier
+                  for m in r["messages"] if m["role"] == "assistant"]
+        assert r["large_calls"] == routes.count("large") and len(r["played"]) == r["steps"] == len(routes)
+    assert any(not r["success"] for r in hard_rows)
+    assert any(r["played"] != [env.pool.names.index(t) for t in routes] for r in hard_rows
+               for routes in [[parse_tolerant(m["content"], env.pool.names, "small").tier
+                               for m in r["messages"] if m["role"] == "assistant"]])
+    with pytest.raises(ValueError, match="p must be a probability"):
+        relabeled_trajectory(env, env.task_ids[0], Budget(), 0, 1.5)
+
+
 def test_step_examples_make_one_chat_per_decision():
     from rlrouter.boundary.synthesis import step_examples
 

@@ -38,7 +38,7 @@ from rlrouter.router.prompt import (feedback_user_message, first_user_message, f
                                     system_message, think_text)
 
 
-HARD_LABELS = ("search", "hindsight")
+HARD_LABELS = ("search", "hindsight", "relabel")
 
 
 @dataclass
@@ -47,16 +47,25 @@ class Trajectory:
     budget: str
     success: bool
     cost_usd: float
-    actions: list[int]
+    actions: list[int]  # the tiers the episode played
     messages: list[dict] = field(default_factory=list)
     step_prompts: list[str] = field(default_factory=list)  # step_user_message at each decision
+    written: list[int] | None = None  # the tiers the route turns write, where not the played ones
+
+    @property
+    def labels(self) -> list[int]:
+        """The tier each route turn of the conversation writes (what SFT learns)."""
+        return self.actions if self.written is None else self.written
 
 
-def play_trajectory(env: RoutingEnv, task_id: str, budget: Budget, seed: int, choose) -> Trajectory:
-    """Play one episode; ``choose(view) -> tier index`` (remapped to the mask); record the chat."""
+def play_trajectory(env: RoutingEnv, task_id: str, budget: Budget, seed: int, choose,
+                    written: list[int] | None = None) -> Trajectory:
+    """Play one episode; ``choose(view) -> tier index`` (remapped to the mask); record the chat.
+    ``written``: the tier each route turn writes instead of the played one (a relabelled
+    state, ``relabeled_trajectory``), remapped to the mask the same way."""
     env.reset(seed=seed, options={"task_id": task_id, "budget": budget})
     messages = [{"role": "system", "content": system_message(env.pool.describe())}]
-    actions, step_prompts = [], []
+    actions, step_prompts, labels = [], [], []
     while True:
         view = env.view()
         messages.append({"role": "user",
@@ -66,12 +75,16 @@ def play_trajectory(env: RoutingEnv, task_id: str, budget: Budget, seed: int, ch
         action = int(choose(view))
         if mask.any() and not mask[action]:
             action = nearest_allowed(action, mask)
-        messages.append({"role": "assistant", "content": format_route(env.pool.tiers[action].name, think_text(view))})
+        label = action if written is None else int(written[len(actions)])
+        if mask.any() and not mask[label]:
+            label = nearest_allowed(label, mask)
+        messages.append({"role": "assistant", "content": format_route(env.pool.tiers[label].name, think_text(view))})
         _, _, terminated, truncated, info = env.step(action)
         actions.append(action)
+        labels.append(label)
         if terminated or truncated:
             return Trajectory(task_id, budget.label, bool(info["success"]), float(info["cost_usd"]), actions, messages,
-                              step_prompts)
+                              step_prompts, None if written is None else labels)
 
 
 def strata(n_tiers: int, n_strata: int) -> list[np.ndarray]:
@@ -191,18 +204,48 @@ def hindsight_trajectory(env: RoutingEnv, task_id: str, budget: Budget, seed: in
     top = len(env.pool) - 1
     route: list[int] = []
     while True:
-        reference = [replay_route(env, task_id, budget, seed, route + [top], redraw=r) for r in range(draws)]
-        tier, ended = top, reference[0][1]
-        for cheaper in range(top):
-            outcomes = [replay_route(env, task_id, budget, seed, route + [cheaper], redraw=r) for r in range(draws)]
-            differ = sum(o != ref for (o, _), (ref, _) in zip(outcomes, reference))
-            if differ <= tolerance * draws:
-                tier, ended = cheaper, outcomes[0][1]
-                break
+        tier, ended = hindsight_label(env, task_id, budget, seed, route, draws, tolerance)
         route.append(tier)
         if ended:
             return play_trajectory(env, task_id, budget, seed, lambda view: (
                 route[len(view["history"])] if len(view["history"]) < len(route) else 0))
+
+
+def hindsight_label(env: RoutingEnv, task_id: str, budget: Budget, seed: int, route: list[int], draws: int,
+                    tolerance: float) -> tuple[int, bool]:
+    """(the hindsight tier of the step after ``route``, does the episode end there with
+    it): the cheapest tier that does otherwise than the priciest in at most a ``tolerance``
+    share of ``draws`` draws of the step (``hindsight_trajectory``)."""
+    top = len(env.pool) - 1
+    reference = [replay_route(env, task_id, budget, seed, route + [top], redraw=r) for r in range(draws)]
+    for cheaper in range(top):
+        outcomes = [replay_route(env, task_id, budget, seed, route + [cheaper], redraw=r) for r in range(draws)]
+        differ = sum(o != ref for (o, _), (ref, _) in zip(outcomes, reference))
+        if differ <= tolerance * draws:
+            return cheaper, outcomes[0][1]
+    return top, reference[0][1]
+
+
+def relabeled_trajectory(env: RoutingEnv, task_id: str, budget: Budget, seed: int, p: float, draws: int = 1,
+                         tolerance: float = 0.5) -> Trajectory:
+    """Hindsight labels on the states a random route visits (DAgger-style relabelling).
+
+    The episode is played with random routing (the priciest tier with probability ``p``,
+    seeded by ``seed``); at every state it visits, the route turn writes the hindsight tier
+    (``hindsight_label``: what the router should do there), not the tier played. Where
+    ``hindsight_trajectory`` labels only the states along its own, mostly cheap and
+    successful, route, this labels states off it too — the mistakes and detours a router
+    meets — so the labels cover the situations in which the priciest tier gains, whatever
+    the episode's outcome. Failed episodes are kept: a label is about its state."""
+    if not 0 <= p <= 1:
+        raise ValueError(f"p must be a probability, got {p!r}")
+    top = len(env.pool) - 1
+    rng = np.random.default_rng([seed, 23])
+    played = play_trajectory(env, task_id, budget, seed, lambda view: top if rng.random() < p else 0)
+    labels = [hindsight_label(env, task_id, budget, seed, played.actions[:index], draws, tolerance)[0]
+              for index in range(len(played.actions))]
+    return play_trajectory(env, task_id, budget, seed, lambda view: played.actions[len(view["history"])],
+                           written=labels)
 
 
 def episode_draw(seed: int, index: int, draw: int, budgets: list[Budget]) -> tuple[Budget, int]:
@@ -215,14 +258,15 @@ def episode_draw(seed: int, index: int, draw: int, budgets: list[Budget]) -> tup
 def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed: int = 0, k_boundary: int = 5,
                theta: float = 0.5, n_strata: int = 4, samples: int = 4, hard_repeat: int = 1, hard_seeds: int = 1,
                hard_labels: str = "search", hindsight_draws: int = 1, hindsight_tolerance: float = 0.5,
-               progress: bool = True):
+               relabel_p: float = 0.5, progress: bool = True):
     """Boundary runs, taxonomy and stratified synthesis. Returns (dataset, stats, labels, report).
 
     Each hard task is searched under ``hard_seeds`` episode seeds (each with its own budget
     draw and its own cheapest success); ``hard_repeat`` then copies every hard row.
     ``hard_labels`` picks how a hard task's route is found: ``search`` (the stratified search
-    for the cheapest success, pruned) or ``hindsight`` (``hindsight_trajectory`` with
-    ``hindsight_draws`` and ``hindsight_tolerance``)."""
+    for the cheapest success, pruned), ``hindsight`` (``hindsight_trajectory`` with
+    ``hindsight_draws`` and ``hindsight_tolerance``) or ``relabel`` (the same labels on the
+    states of a random route with P(priciest) = ``relabel_p``, ``relabeled_trajectory``)."""
     if hard_labels not in HARD_LABELS:
         raise ValueError(f"hard_labels must be one of {HARD_LABELS}, got {hard_labels!r}")
     from datasets import Dataset
@@ -239,11 +283,14 @@ def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed
                     traj = hindsight_trajectory(env, task_id, budget, episode_seed, hindsight_draws,
                                                 hindsight_tolerance)
                     traj = traj if traj.success else None
+                elif hard_labels == "relabel":
+                    traj = relabeled_trajectory(env, task_id, budget, episode_seed, relabel_p, hindsight_draws,
+                                                hindsight_tolerance)
                 else:
                     traj = cheapest_successful(env, task_id, budget, episode_seed, n_strata, samples)
                 # Averaged hindsight labels get no always-priciest fallback: "the priciest
                 # everywhere" is not what they say (one draw keeps it, as it was measured).
-                if traj is None and (hard_labels == "search" or hindsight_draws == 1):
+                if traj is None and (hard_labels == "search" or (hard_labels == "hindsight" and hindsight_draws == 1)):
                     fallback = play_trajectory(env, task_id, budget, episode_seed, lambda view: top)
                     traj = fallback if fallback.success else None
             else:
@@ -260,9 +307,10 @@ def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed
                 "budget": traj.budget,
                 "success": traj.success,
                 "cost_usd": traj.cost_usd,
-                "large_calls": int(sum(a == top for a in traj.actions)),
-                "tier_calls": [int(sum(a == t for a in traj.actions)) for t in range(len(env.pool))],
+                "large_calls": int(sum(a == top for a in traj.labels)),
+                "tier_calls": [int(sum(a == t for a in traj.labels)) for t in range(len(env.pool))],
                 "steps": len(traj.actions),
+                "played": traj.actions,
                 "s_small": s.s_small, "s_large": s.s_large, "c_small": s.c_small, "c_large": s.c_large,
             })
     # Hard tasks are where routing decisions are learned; repeating them balances the strata.
@@ -276,6 +324,7 @@ def synthesize(env: RoutingEnv, task_ids: list[str], budgets: list[Budget], seed
         "hard_labels": hard_labels,
         "hindsight_draws": hindsight_draws,
         "hindsight_tolerance": hindsight_tolerance,
+        **({"relabel_p": relabel_p} if hard_labels == "relabel" else {}),
         "skipped_hard_without_success": skipped,
         "taxonomy_counts": taxonomy_counts(labels),
         "mean_large_fraction_hard": float(np.mean([r["large_calls"] / r["steps"] for r in rows
