@@ -78,7 +78,7 @@ def main() -> None:
             label.append(action == len(names) - 1)
             groups.append(task)
     label, groups = np.array(label), np.array(groups)
-    labels = {"synthesized": label}
+    labels, hidden_summary = {"synthesized": label}, {}
     if args.hidden_gain is not None:
         # the tiers the episodes played (relabelled rows write others; older datasets have no column)
         played = dataset["played"] if "played" in dataset.column_names else routes
@@ -86,6 +86,8 @@ def main() -> None:
         hidden = f"gain>={args.hidden_gain:g}"
         labels[hidden] = gains >= args.hidden_gain
         agree = float(np.mean(labels[hidden] == label))
+        hidden_summary = {"hidden_gain": {"tau": args.hidden_gain, "mean_gain": float(gains.mean()),
+                                          "share": float(labels[hidden].mean()), "agreement": agree}}
         print(f"hidden gain at the decisions: mean {gains.mean():.3f}; share >= {args.hidden_gain:g} "
               f"{labels[hidden].mean():.3f}; agreement with the synthesized label {agree:.3f}",
               flush=True)
@@ -133,7 +135,7 @@ def main() -> None:
         with open(args.json, "w") as handle:
             json.dump({"recipe": recipe.name, "base": recipe.router.base, "decisions": len(texts),
                        "priciest_share": float(label.mean()), "folds": folds, "results": results,
-                       "seconds": seconds}, handle, indent=1)
+                       **hidden_summary, "seconds": seconds}, handle, indent=1)
 
 
 def decision_gains(recipe, dataset, routes):
