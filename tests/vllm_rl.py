@@ -33,8 +33,24 @@ if __name__ == "__main__":
     make_env = lambda: recipe.make_env("train")  # noqa: E731
     specs = [EpisodeSpec(f"train-{i}", Budget(), seed=500 + i) for i in range(12)]
 
+    def rollouts(engine):
+        return play_episodes(engine, make_env, specs)
+
     def routes(engine):
-        return [[t.tier for t in r.turns] for r in play_episodes(engine, make_env, specs)]
+        return [[t.tier for t in r.turns] for r in rollouts(engine)]
+
+    def first_split_gap(a, b):
+        """Where two episodes' route turns first differ, transformers' logit gap between the
+        two engines' tokens there (0 if they never do): a float near-tie when tiny."""
+        for ta, tb in zip(a.turns, b.turns):
+            ids_a, ids_b = list(ta.prompt_ids) + list(ta.completion_ids), list(tb.prompt_ids) + list(tb.completion_ids)
+            if ids_a == ids_b:
+                continue
+            at = next(i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids_a[:at]])).logits[0, -1]
+            return abs(float(logits[ids_a[at]] - logits[ids_b[at]]))
+        return 0.0
 
     stale = routes(HFEngine(copy.deepcopy(model), tok, recipe.pool.names, 32))
     engine = VLLMEngine(checkpoint, tok, recipe.pool.names, max_new_tokens=32, seed=0)
@@ -52,10 +68,13 @@ if __name__ == "__main__":
             break
     engine.load_weights(model)
     changed = any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
-    hf = routes(HFEngine(model, tok, recipe.pool.names, 32))
-    vllm = routes(engine)
+    hf_rollouts, vllm_rollouts = rollouts(HFEngine(model, tok, recipe.pool.names, 32)), rollouts(engine)
+    hf = [[t.tier for t in r.turns] for r in hf_rollouts]
+    vllm = [[t.tier for t in r.turns] for r in vllm_rollouts]
     Path(out_path).write_text(json.dumps({
         "iteration": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         "weights_changed": changed, "hf_routes": hf, "vllm_routes": vllm, "stale_routes": stale,
         "routes_changed": stale != hf,
+        # per episode: 0 where the engines wrote the same tokens, else transformers' logit gap where they split
+        "split_gaps": [first_split_gap(a, b) for a, b in zip(hf_rollouts, vllm_rollouts)],
     }))

@@ -154,6 +154,21 @@ def think_banned_ids(tokenizer) -> list[int]:
     return _THINK_BANNED[key]
 
 
+def think_turn_token_ids(tokenizer, allowed: list[str]) -> list[int]:
+    """Think/route turns on vLLM: every token the turn may use — the format's four tags as
+    their own tokens, each allowed tier's tokenization, the end of turn, and any token
+    without ``<`` for the think text. With the regex alone vLLM may spell ``<think>`` as
+    ``<think`` + ``>``, which transformers' ``RouteConstraint`` never writes and training
+    never saw: a policy moved by RL can come to prefer it and route from a different
+    state than the trainer's engine (measured on the tiny router after a few updates)."""
+    banned = set(think_banned_ids(tokenizer))
+    tags = {tokenizer.convert_tokens_to_ids(t) for t in (THINK_OPEN, THINK_CLOSE, ROUTE_OPEN, ROUTE_CLOSE)}
+    ids = {i for i in range(len(tokenizer)) if i not in banned} | tags | {tokenizer.eos_token_id}
+    for tier in allowed:
+        ids.update(tier_token_ids(tokenizer, tier))
+    return sorted(ids)
+
+
 def constraint_masks(tokenizer, turn) -> list[list[int] | None]:
     """For each generated token of ``turn``, the token ids the route constraint allowed at
     that point (``None``: think text, anything but ``RouteConstraint.think_banned``; ``[]``
@@ -281,6 +296,15 @@ class VLLMEngine:
         self.tokenizer = tokenizer
         self.tiers = list(tiers)
         self.max_new_tokens = max_new_tokens
+        self._turn_ids: dict[tuple, list[int]] = {}
+
+    def turn_token_ids(self, allowed: list[str]) -> list[int]:
+        """The tokens a constrained turn may use (cached per allowed set)."""
+        key = tuple(allowed)
+        if key not in self._turn_ids:
+            self._turn_ids[key] = (self.format.route_token_ids(self.tokenizer, allowed)
+                                   or think_turn_token_ids(self.tokenizer, allowed))
+        return self._turn_ids[key]
 
     def load_weights(self, model) -> None:
         """Push the policy's current weights into the engine (in place, no restart)."""
@@ -294,8 +318,7 @@ class VLLMEngine:
 
         params = [sampling_params(self.format.regex(row_allowed) if constrain else None, self.max_new_tokens,
                                   temperature if sample else 0.0, logprobs=logprobs, skip_special_tokens=False,
-                                  allowed_token_ids=self.format.route_token_ids(self.tokenizer, row_allowed)
-                                  if constrain else None)
+                                  allowed_token_ids=self.turn_token_ids(row_allowed) if constrain else None)
                   for row_allowed in allowed]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         result = []
