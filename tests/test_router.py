@@ -14,7 +14,7 @@ from rlrouter.boundary.synthesis import cheapest_successful, play_trajectory, sy
 from rlrouter.router.checkpoint import load_checkpoint, save_checkpoint
 from rlrouter.router.generation import RouteConstraint
 from rlrouter.router.model import TinyRouterConfig
-from rlrouter.router.prompt import parse_strict
+from rlrouter.router.prompt import parse_strict, parse_tolerant
 from conftest import ListTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,6 +161,27 @@ def test_hindsight_routes_each_step_to_the_cheapest_tier_that_does_what_the_pric
     assert checked[0] and checked[1]  # both tiers are labelled somewhere
 
 
+def redraws_where_small_fails(env, draws: int) -> int:
+    """Of ``draws`` draws of the next step (the episode's own, then redraws), how many have
+    small fail where large succeeds: counted by state copies, no replays; the episode is
+    left where it was."""
+    snapshot, differ = env.snapshot(), 0
+    for r in range(draws):
+        ok = []
+        for tier in range(len(env.pool)):
+            env.restore(snapshot)
+            env.redraw(r)
+            ok.append(env.step(tier)[4]["step_ok"])
+        differ += int(ok[1] and not ok[0])
+    env.restore(snapshot)
+    return differ
+
+
+def written_tiers(messages: list[dict], names: list[str]) -> list[str]:
+    """The tier each route turn of a synthesized conversation writes."""
+    return [parse_tolerant(m["content"], names, names[0]).tier for m in messages if m["role"] == "assistant"]
+
+
 def test_averaged_hindsight_labels_count_the_redraws_where_small_does_otherwise():
     from rlrouter.boundary.synthesis import hindsight_trajectory
 
@@ -173,15 +194,7 @@ def test_averaged_hindsight_labels_count_the_redraws_where_small_does_otherwise(
         # in which small fails where large succeeds (the step's uniform is shared by tiers)
         env.reset(seed=200 + index, options={"task_id": task_id, "budget": Budget()})
         for action in traj.actions:
-            snapshot, differ = env.snapshot(), 0
-            for r in range(draws):
-                ok = []
-                for tier in range(len(env.pool)):
-                    env.restore(snapshot)
-                    env.redraw(r)
-                    ok.append(env.step(tier)[4]["step_ok"])
-                differ += int(ok[1] and not ok[0])
-            env.restore(snapshot)
+            differ = redraws_where_small_fails(env, draws)
             state = env._state
             gains.append((env.world.success_probability(state, "large")
                           - env.world.success_probability(state, "small"), action))
@@ -238,7 +251,6 @@ def test_hindsight_labels_in_synthesis_keep_only_successes():
 
 def test_relabeled_states_carry_the_hindsight_labels_of_a_random_route():
     from rlrouter.boundary.synthesis import relabeled_trajectory
-    from rlrouter.router.prompt import parse_tolerant
 
     env = make_routing_env("synthetic", world={"n_train": 8})
     draws, tolerance, p = 16, 0.25, 0.5
@@ -246,24 +258,14 @@ def test_relabeled_states_carry_the_hindsight_labels_of_a_random_route():
     for index, task_id in enumerate(env.task_ids):
         seed = 300 + index
         traj = relabeled_trajectory(env, task_id, Budget(), seed, p, draws=draws, tolerance=tolerance)
-        routes = [parse_tolerant(m["content"], env.pool.names, "small").tier
-                  for m in traj.messages if m["role"] == "assistant"]
+        routes = written_tiers(traj.messages, env.pool.names)
         # independent check: the behaviour route drawn here from numpy, and at each of its
         # states the redraws in which small fails where large succeeds, by state copies
         behaviour = np.random.default_rng([seed, 23])
         env.reset(seed=seed, options={"task_id": task_id, "budget": Budget()})
         for step, action in enumerate(traj.actions):
             assert action == int(behaviour.random() < p)
-            snapshot, differ = env.snapshot(), 0
-            for r in range(draws):
-                ok = []
-                for tier in range(len(env.pool)):
-                    env.restore(snapshot)
-                    env.redraw(r)
-                    ok.append(env.step(tier)[4]["step_ok"])
-                differ += int(ok[1] and not ok[0])
-            env.restore(snapshot)
-            label = int(differ > tolerance * draws)
+            label = int(redraws_where_small_fails(env, draws) > tolerance * draws)
             assert traj.labels[step] == label and routes[step] == env.pool.names[label]
             written[label] += 1
             played_large += action
@@ -281,14 +283,11 @@ def test_relabeled_states_carry_the_hindsight_labels_of_a_random_route():
     assert report["hard_labels"] == "relabel" and report["relabel_p"] == 0.5
     hard_rows = [r for r in ds.to_list() if r["taxonomy"] == "hard"]
     assert len(hard_rows) == sum(v == "hard" for v in labels.values())  # none left out
-    for r in hard_rows:
-        routes = [parse_tolerant(m["content"], env.pool.names, "small").tier
-                  for m in r["messages"] if m["role"] == "assistant"]
-        assert r["large_calls"] == routes.count("large") and len(r["played"]) == r["steps"] == len(routes)
+    written_rows = [[env.pool.names.index(t) for t in written_tiers(r["messages"], env.pool.names)] for r in hard_rows]
+    for r, written_row in zip(hard_rows, written_rows):
+        assert r["large_calls"] == written_row.count(1) and len(r["played"]) == r["steps"] == len(written_row)
     assert any(not r["success"] for r in hard_rows)
-    assert any(r["played"] != [env.pool.names.index(t) for t in routes] for r in hard_rows
-               for routes in [[parse_tolerant(m["content"], env.pool.names, "small").tier
-                               for m in r["messages"] if m["role"] == "assistant"]])
+    assert any(r["played"] != written_row for r, written_row in zip(hard_rows, written_rows))
     with pytest.raises(ValueError, match="p must be a probability"):
         relabeled_trajectory(env, env.task_ids[0], Budget(), 0, 1.5)
 
