@@ -36,8 +36,11 @@ if __name__ == "__main__":
     def rollouts(engine):
         return play_episodes(engine, make_env, specs)
 
+    def tiers(played):
+        return [[t.tier for t in r.turns] for r in played]
+
     def routes(engine):
-        return [[t.tier for t in r.turns] for r in rollouts(engine)]
+        return tiers(rollouts(engine))
 
     def first_split_gap(a, b):
         """Where two episodes' route turns first differ, transformers' logit gap between the
@@ -69,8 +72,7 @@ if __name__ == "__main__":
     engine.load_weights(model)
     changed = any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     hf_rollouts, vllm_rollouts = rollouts(HFEngine(model, tok, recipe.pool.names, 32)), rollouts(engine)
-    hf = [[t.tier for t in r.turns] for r in hf_rollouts]
-    vllm = [[t.tier for t in r.turns] for r in vllm_rollouts]
+    hf, vllm = tiers(hf_rollouts), tiers(vllm_rollouts)
     Path(out_path).write_text(json.dumps({
         "iteration": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         "weights_changed": changed, "hf_routes": hf, "vllm_routes": vllm, "stale_routes": stale,
