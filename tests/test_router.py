@@ -250,7 +250,7 @@ def test_hindsight_labels_in_synthesis_keep_only_successes():
 
 
 def test_relabeled_states_carry_the_hindsight_labels_of_a_random_route():
-    from rlrouter.boundary.synthesis import relabeled_trajectory
+    from rlrouter.boundary.synthesis import hindsight_label, relabeled_trajectory
 
     env = make_routing_env("synthetic", world={"n_train": 8})
     draws, tolerance, p = 16, 0.25, 0.5
@@ -290,6 +290,10 @@ def test_relabeled_states_carry_the_hindsight_labels_of_a_random_route():
     assert any(r["played"] != written_row for r, written_row in zip(hard_rows, written_rows))
     with pytest.raises(ValueError, match="p must be a probability"):
         relabeled_trajectory(env, env.task_ids[0], Budget(), 0, 1.5)
+    with pytest.raises(ValueError, match="draws must be an integer >= 1, got 0"):  # not "every state cheapest"
+        relabeled_trajectory(env, env.task_ids[0], Budget(), 0, 0.5, draws=0)
+    with pytest.raises(ValueError, match=r"tolerance must be in \[0, 1\), got 1.0"):
+        hindsight_label(env, env.task_ids[0], Budget(), 0, [], draws=2, tolerance=1.0)
 
 
 def test_step_examples_make_one_chat_per_decision():

@@ -8,9 +8,12 @@
   counted. ``hard_labels: hindsight`` routes each step of a hard task to the cheapest tier
   that does what the priciest tier does there, in hindsight, instead (labels whose mean is
   the step's gain; with ``hindsight_draws`` > 1, taken over redraws of each step, labels
-  that threshold the gain). With
-  ``hard_seeds`` > 1 this is done under that many episode seeds per hard
-  task: fresh draws of the world, so fresh labels (``hard_repeat`` copies one).
+  that threshold the gain). ``hard_labels: relabel`` plays each hard task with random
+  routing (P(priciest) = ``relabel_p``) and writes at every state it visits the hindsight
+  tier of that state, not the tier played (DAgger-style: labels off the cheap successful
+  route too; failed episodes kept). With ``hard_seeds`` > 1 this is done under that many
+  episode seeds per hard task: fresh draws of the world, so fresh labels (``hard_repeat``
+  copies one).
 
 Strata (``strata``) are the shares of the tiers on a grid of step 1/N: with two tiers,
 P(priciest) = k/N for k = 0..N (BoPO); with n tiers, every point of the simplex grid
@@ -197,10 +200,7 @@ def hindsight_trajectory(env: RoutingEnv, task_id: str, budget: Budget, seed: in
     above ``tolerance``", a function of the step rather than one Bernoulli draw of it. The
     episode goes on under its own draws, so the route may fail where the priciest tier
     would not have. ``draws = 1`` is the rule above for any ``tolerance`` < 1."""
-    if not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"draws must be an integer >= 1, got {draws!r}")
-    if not 0 <= tolerance < 1:
-        raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
+    check_hindsight(draws, tolerance)
     top = len(env.pool) - 1
     route: list[int] = []
     while True:
@@ -211,11 +211,20 @@ def hindsight_trajectory(env: RoutingEnv, task_id: str, budget: Budget, seed: in
                 route[len(view["history"])] if len(view["history"]) < len(route) else 0))
 
 
+def check_hindsight(draws: int, tolerance: float) -> None:
+    """Raise ``ValueError`` unless ``draws`` is an integer >= 1 and ``tolerance`` in [0, 1)."""
+    if not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be an integer >= 1, got {draws!r}")
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
+
+
 def hindsight_label(env: RoutingEnv, task_id: str, budget: Budget, seed: int, route: list[int], draws: int,
                     tolerance: float) -> tuple[int, bool]:
     """(the hindsight tier of the step after ``route``, does the episode end there with
     it): the cheapest tier that does otherwise than the priciest in at most a ``tolerance``
     share of ``draws`` draws of the step (``hindsight_trajectory``)."""
+    check_hindsight(draws, tolerance)
     top = len(env.pool) - 1
     reference = [replay_route(env, task_id, budget, seed, route + [top], redraw=r) for r in range(draws)]
     for cheaper in range(top):
@@ -239,6 +248,7 @@ def relabeled_trajectory(env: RoutingEnv, task_id: str, budget: Budget, seed: in
     the episode's outcome. Failed episodes are kept: a label is about its state."""
     if not 0 <= p <= 1:
         raise ValueError(f"p must be a probability, got {p!r}")
+    check_hindsight(draws, tolerance)
     top = len(env.pool) - 1
     rng = np.random.default_rng([seed, 23])
     played = play_trajectory(env, task_id, budget, seed, lambda view: top if rng.random() < p else 0)
