@@ -20,20 +20,25 @@ import json
 import time
 
 
-def step_batches(recipe, tokenizer, fmt, n: int, batch: int):
-    """``n`` batches of rendered step examples (system, step prompt, route) as padded tensors."""
-    import torch
-
+def step_conversations(recipe, fmt, n: int) -> list[list[dict]]:
+    """The first step prompt (system, user) of ``n`` training tasks of the recipe's world."""
     from envs import Budget
     from rlrouter.router.prompt import step_user_message
 
     env = recipe.make_env("train")
     conversations = []
-    for task in env.task_ids[: n * batch]:
+    for task in env.task_ids[:n]:
         env.reset(seed=0, options={"task_id": task, "budget": Budget()})
         conversations.append([{"role": "system", "content": fmt.system(env.pool.describe())},
                               {"role": "user", "content": step_user_message(env.view())}])
-    prompts = fmt.prompt_ids(tokenizer, conversations)
+    return conversations
+
+
+def step_batches(recipe, tokenizer, fmt, n: int, batch: int):
+    """``n`` batches of rendered step examples (system, step prompt, route) as padded tensors."""
+    import torch
+
+    prompts = fmt.prompt_ids(tokenizer, step_conversations(recipe, fmt, n * batch))
     answer = tokenizer(fmt.route("small", "") + "<|im_end|>", add_special_tokens=False)["input_ids"]
     batches = []
     for i in range(n):

@@ -275,6 +275,8 @@ class RouterSection:
         train_layers: train only the top k transformer layers (and the final norm; an untied
             LM head too), the rest frozen and run without grad, in SFT and RL; null: all
             weights (or LoRA, ``sft.lora`` / ``rl.lora``).
+        base_layers: keep only the first k transformer layers of a pretrained base (the
+            rest dropped before SFT; the checkpoint is the shallower model); null: all.
     """
 
     base: str = "tiny"
@@ -286,6 +288,7 @@ class RouterSection:
     max_prompt_tokens: int | None = None
     cut_head_share: float = 0.5
     train_layers: int | None = None
+    base_layers: int | None = None
 
     def format(self):
         """The ``RouterFormat`` a router trained from this recipe writes into its checkpoints."""
@@ -508,6 +511,16 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
         if sft.lora or rl.lora:
             raise RecipeError(f"{where}: router.train_layers and LoRA ({'sft' if sft.lora else 'rl'}.lora) exclude "
                               "each other; choose one")
+    if router.base_layers is not None:
+        if not isinstance(router.base_layers, int) or router.base_layers < 1:
+            raise RecipeError(f"{where}: router.base_layers must be an integer >= 1 (or null: all layers), "
+                              f"got {router.base_layers!r}")
+        if router.base == "tiny":
+            raise RecipeError(f"{where}: router.base_layers cuts a pretrained base; the tiny router's depth is "
+                              "router.tiny.num_hidden_layers")
+        if router.train_layers is not None and router.train_layers > router.base_layers:
+            raise RecipeError(f"{where}: router.train_layers ({router.train_layers}) exceeds router.base_layers "
+                              f"({router.base_layers}); train at most the layers kept")
     if router.base == "tiny":
         try:
             router.tiny_config()

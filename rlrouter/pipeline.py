@@ -31,10 +31,11 @@ def build_router(recipe: Recipe, dataset):
     """(model, tokenizer): the tiny router with a tokenizer trained on the dataset, or
     ``router.base`` with the format tags added as tokens and the router's chat template."""
     from rlrouter.router.checkpoint import load_router
-    from rlrouter.router.model import as_router, build_tiny_router, train_tokenizer
+    from rlrouter.router.model import as_router, build_tiny_router, keep_first_layers, train_tokenizer
 
     if recipe.router.base != "tiny":
-        return as_router(*load_router(recipe.router.base))
+        model, tokenizer = as_router(*load_router(recipe.router.base))
+        return keep_first_layers(model, recipe.router.base_layers), tokenizer
     texts = ("\n".join(m["content"] for m in messages) for messages in dataset["messages"])
     tokenizer = train_tokenizer(texts, recipe.router.tiny_config().vocab_size)
     return build_tiny_router(tokenizer, recipe.router.tiny_config(), seed=recipe.seed), tokenizer
@@ -77,7 +78,7 @@ def run_sft_stage(recipe: Recipe, synth_dir: str | Path | None = None, out_dir: 
         "router": {"base": recipe.router.base, "prompt_mode": recipe.router.prompt_mode,
                    "history_window": recipe.env.history_window,
                    "max_new_tokens": recipe.router.max_new_tokens, "format": fmt.to_dict(),
-                   "train_layers": recipe.router.train_layers},
+                   "train_layers": recipe.router.train_layers, "base_layers": recipe.router.base_layers},
         "training": {"recipe": recipe.name, "seed": recipe.seed, "synth_dir": str(synth_dir)},
     }
     return run_sft(model, tokenizer, dataset, recipe.sft, out_dir, meta, seed=recipe.seed,

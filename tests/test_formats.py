@@ -116,6 +116,9 @@ def test_router_format_round_trips_through_checkpoint_meta_and_rejects_bad_value
     ({"turn_format": "json"}, "router.turn_format must be one of"),
     ({"max_prompt_tokens": 256, "prompt_mode": "episode"}, "set router.prompt_mode: step"),
     ({"train_layers": 0}, "router.train_layers must be an integer >= 1"),
+    ({"base": "smollm2-135m", "base_layers": 0}, "router.base_layers must be an integer >= 1"),
+    ({"base_layers": 2}, "router.base_layers cuts a pretrained base"),
+    ({"base": "smollm2-135m", "base_layers": 8, "train_layers": 10}, r"router.train_layers \(10\) exceeds router.base_layers"),
     ({"cut_head_share": 1.5}, "cut_head_share must be in"),
 ])
 def test_recipe_errors_name_the_router_field(router, message):
@@ -204,6 +207,47 @@ def test_freeze_below_trains_only_the_top_layers(tokenizer):
     assert any(n.startswith("model.layers.2.") for n in changed)
     with pytest.raises(ValueError, match="router has 3 layers"):
         freeze_below(model, 4)
+
+
+def test_sft_trains_in_full_precision_without_recomputation_on_cpu(tmp_path):
+    """TRL's own defaults are bf16 autocast and gradient checkpointing; on a CPU the SFT stage
+    turns both off (2.5x faster steps, and the precision the router routes in)."""
+    from trl import SFTConfig
+
+    from rlrouter.sft.train import SFTSettings, sft_config
+
+    trl_default = SFTConfig(output_dir=str(tmp_path), use_cpu=True)
+    assert trl_default.bf16 and trl_default.gradient_checkpointing  # what the stage must not inherit
+    args = sft_config(SFTSettings(epochs=2, batch_size=4), tmp_path, seed=3)
+    assert (args.bf16, args.fp16, args.gradient_checkpointing, args.use_cpu) == (False, False, False, True)
+    assert (args.num_train_epochs, args.per_device_train_batch_size, args.seed, args.assistant_only_loss) == (2, 4, 3, True)
+    assert sft_config(SFTSettings(gradient_checkpointing=True), tmp_path).gradient_checkpointing
+    recipe = recipe_from_dict({"name": "x", "sft": {"gradient_checkpointing": True}})
+    assert recipe.sft.gradient_checkpointing
+
+
+def test_keep_first_layers_reads_the_kept_layers_output_and_saves_a_shallower_model(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rlrouter.router.model import TinyRouterConfig, build_tiny_router, keep_first_layers
+
+    model = build_tiny_router(tokenizer, TinyRouterConfig(vocab_size=len(tokenizer), num_hidden_layers=3), seed=0)
+    ids = torch.tensor([tokenizer("w1 w2 w3 w4")["input_ids"]])
+    with torch.no_grad():  # the reference: the full model's layer-2 output through its own final norm and head
+        hidden = model(ids, output_hidden_states=True).hidden_states[2]
+        expected = model.lm_head(model.model.norm(hidden))
+    assert keep_first_layers(model, None) is model and len(model.model.layers) == 3
+    with pytest.raises(ValueError, match="router.base_layers = 4, but the base has 3 layers"):
+        keep_first_layers(model, 4)
+    keep_first_layers(model, 2)
+    assert len(model.model.layers) == model.config.num_hidden_layers == 2
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, expected, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.num_hidden_layers == 2 and len(loaded.config.layer_types) == 2
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, expected, atol=1e-6)
 
 
 def test_always_tier_names_any_tier_of_a_three_tier_pool():

@@ -173,6 +173,27 @@ def as_router(model, tokenizer):
     return model, tokenizer
 
 
+def keep_first_layers(model, base_layers: int | None):
+    """Keep the first ``base_layers`` transformer layers of ``model`` and drop the rest: the
+    final norm and the LM head then read the output of layer ``base_layers``. A shallower
+    router is faster in every stage, and probes of a pretrained base's hidden states often
+    find the features a router needs at mid depth rather than at the top
+    (``benchmarks/label_probe.py --layers``). The config's ``num_hidden_layers`` follows, so
+    a saved checkpoint loads with ``from_pretrained`` and with vLLM as it is. ``None``:
+    unchanged. Returns the model, changed in place."""
+    if base_layers is None:
+        return model
+    layers = model.get_decoder().layers
+    if not 1 <= base_layers <= len(layers):
+        raise ValueError(f"router.base_layers = {base_layers}, but the base has {len(layers)} layers; "
+                         f"choose 1..{len(layers)} or null (all)")
+    del layers[base_layers:]
+    model.config.num_hidden_layers = base_layers
+    if getattr(model.config, "layer_types", None):  # models that mix attention kinds list one per layer
+        model.config.layer_types = model.config.layer_types[:base_layers]
+    return model
+
+
 def freeze_below(model, train_layers: int | None) -> int:
     """Train only the top ``train_layers`` transformer layers (with the final norm, and the LM
     head when it is not tied to the input embeddings); every weight below is frozen. With

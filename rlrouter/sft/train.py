@@ -33,6 +33,8 @@ class SFTSettings:
         lora: train LoRA adapters (peft) instead of all weights; merged before saving.
         lora_r / lora_alpha: LoRA rank and scale.
         logging_steps: steps between metric lines.
+        gradient_checkpointing: recompute activations in the backward pass (less memory for
+            a large base on a GPU, about 20% slower); off by default.
         out_dir: checkpoint directory (default ``runs/<name>/sft``).
     """
 
@@ -46,6 +48,7 @@ class SFTSettings:
     lora_r: int = 16
     lora_alpha: int = 32
     logging_steps: int = 10
+    gradient_checkpointing: bool = False
     out_dir: str | None = None
 
 
@@ -75,17 +78,18 @@ def _report_to() -> list[str]:
         return []
 
 
-def run_sft(model, tokenizer, dataset, settings: SFTSettings, out_dir: str | Path, meta: dict, seed: int = 0,
-            resume_from: str | Path | None = None, progress: bool = True) -> Path:
-    """Train ``model`` on ``dataset["messages"]`` and write a checkpoint to ``out_dir``."""
-    from trl import SFTConfig, SFTTrainer
+def sft_config(settings: SFTSettings, work: str | Path, seed: int = 0, progress: bool = True):
+    """TRL's ``SFTConfig`` for the SFT stage. Precision and memory are set, not left to TRL's
+    defaults: those are bf16 autocast and gradient checkpointing, which on a CPU made every
+    step of SmolLM2-135M 2.5x slower (bf16 matmuls have no fast path on most CPUs;
+    ``benchmarks/sft_speed.py``) and trained the router in another precision than the one
+    it routes in. bf16 is used on a GPU that supports it; gradient checkpointing only when
+    ``settings.gradient_checkpointing`` asks for it."""
+    import torch
+    from trl import SFTConfig
 
-    from rlrouter.router.checkpoint import save_checkpoint
-
-    out_dir = Path(out_dir)
-    work = Path(tempfile.mkdtemp(prefix="rlrouter-sft-"))
-    metrics = JsonlMetrics(out_dir.parent / f"{out_dir.name}-metrics.jsonl")
-    args = SFTConfig(
+    device = default_device()
+    return SFTConfig(
         output_dir=str(work),
         num_train_epochs=settings.epochs,
         learning_rate=settings.learning_rate,
@@ -102,10 +106,25 @@ def run_sft(model, tokenizer, dataset, settings: SFTSettings, out_dir: str | Pat
         report_to=_report_to(),
         seed=seed,
         data_seed=seed,
-        use_cpu=default_device() == "cpu",
+        use_cpu=device == "cpu",
+        bf16=device == "cuda" and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=settings.gradient_checkpointing,
         disable_tqdm=not progress,
         dataloader_num_workers=0,
     )
+
+
+def run_sft(model, tokenizer, dataset, settings: SFTSettings, out_dir: str | Path, meta: dict, seed: int = 0,
+            resume_from: str | Path | None = None, progress: bool = True) -> Path:
+    """Train ``model`` on ``dataset["messages"]`` and write a checkpoint to ``out_dir``."""
+    from trl import SFTTrainer
+
+    from rlrouter.router.checkpoint import save_checkpoint
+
+    out_dir = Path(out_dir)
+    work = Path(tempfile.mkdtemp(prefix="rlrouter-sft-"))
+    metrics = JsonlMetrics(out_dir.parent / f"{out_dir.name}-metrics.jsonl")
+    args = sft_config(settings, work, seed, progress)
     peft_config = None
     if settings.lora:
         from peft import LoraConfig
