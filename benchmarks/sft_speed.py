@@ -3,14 +3,16 @@
 against TRL's own defaults (bf16 autocast, gradient checkpointing), on the same examples,
 model and seed, in one run.
 
-The examples are the recipe world's step prompts with a route-only answer (as in
-``benchmarks/base_speed.py``), cut as training cuts them; the base is prepared as the SFT
+The examples are the recipe world's first step prompts with a route-only answer (as in
+``benchmarks/base_speed.py``), or with ``--synth DIR`` the SFT stage's own step examples of
+a synthesized dataset (longer prompts: later steps carry history), cut as training cuts them; the base is prepared as the SFT
 stage prepares it (``as_router``, ``router.base_layers``, ``router.train_layers``). Each
 setting runs one epoch of ``--steps`` + 1 batches; the first step is a warm-up, the others
 are timed between the trainer's step callbacks; tokens/s counts the examples' tokens (padding
 excluded, the warm-up batch's share left out on average).
 
-usage: python benchmarks/sft_speed.py [--recipe recipes/smollm2-textworld.yaml] [--steps 4] [--batch 8]
+usage: python benchmarks/sft_speed.py [--recipe recipes/smollm2-textworld.yaml] [--synth runs/NAME/synth]
+                                      [--steps 4] [--batch 8]
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ def measure(recipe, dataset, settings, trl_defaults: bool, steps: int) -> dict:
     model, tokenizer = build_router(recipe, dataset)
     freeze_below(model, recipe.router.train_layers)
     args = sft_config(settings, tempfile.mkdtemp(prefix="sft-speed-"), seed=recipe.seed, progress=False)
-    args.max_steps, args.save_strategy, args.logging_steps = steps + 1, "no", 1000
+    changes = {"max_steps": steps + 1, "save_strategy": "no", "logging_steps": 1000}
     if trl_defaults:  # what SFTConfig gives when precision and memory are left to it
-        args.bf16 = args.gradient_checkpointing = True
+        changes.update(bf16=True, gradient_checkpointing=True)
+    args = replace(args, **changes)  # a new config: its __post_init__ sets up the precision
     timer = StepTimer()
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
     # one epoch of (steps + 1) batches; the warm-up batch's share of the tokens is left out on average
@@ -69,6 +72,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="recipes/smollm2-textworld.yaml")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--synth", help="a synthesized dataset's folder: time its step examples")
     args = parser.parse_args()
 
     from datasets import Dataset
@@ -78,9 +82,18 @@ def main() -> None:
     recipe = load_recipe(args.recipe)
     fmt = recipe.router.format()
     settings = replace(recipe.sft, batch_size=args.batch)
-    conversations = step_conversations(recipe, fmt, (args.steps + 1) * args.batch)
-    dataset = Dataset.from_dict({"messages": [c + [{"role": "assistant", "content": fmt.route("small", "")}]
-                                              for c in conversations]})
+    n = (args.steps + 1) * args.batch
+    if args.synth:
+        from datasets import load_from_disk
+
+        from rlrouter.boundary.synthesis import step_examples
+
+        steps = step_examples(load_from_disk(f"{args.synth}/dataset"))
+        dataset = steps.shuffle(seed=recipe.seed).select(range(n)).select_columns(["messages"])
+    else:
+        conversations = step_conversations(recipe, fmt, n)
+        dataset = Dataset.from_dict({"messages": [c + [{"role": "assistant", "content": fmt.route("small", "")}]
+                                                  for c in conversations]})
     from rlrouter.pipeline import build_router
 
     _, tokenizer = build_router(recipe, dataset)

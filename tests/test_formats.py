@@ -211,7 +211,7 @@ def test_freeze_below_trains_only_the_top_layers(tokenizer):
 
 def test_sft_trains_in_full_precision_without_recomputation_on_cpu(tmp_path):
     """TRL's own defaults are bf16 autocast and gradient checkpointing; on a CPU the SFT stage
-    turns both off (2.5x faster steps, and the precision the router routes in)."""
+    turns both off (3.8x faster SmolLM2 steps on 2 cores, and the precision the router routes in)."""
     from trl import SFTConfig
 
     from rlrouter.sft.train import SFTSettings, sft_config

@@ -81,7 +81,7 @@ def _report_to() -> list[str]:
 def sft_config(settings: SFTSettings, work: str | Path, seed: int = 0, progress: bool = True):
     """TRL's ``SFTConfig`` for the SFT stage. Precision and memory are set, not left to TRL's
     defaults: those are bf16 autocast and gradient checkpointing, which on a CPU made every
-    step of SmolLM2-135M 2.5x slower (bf16 matmuls have no fast path on most CPUs;
+    step of SmolLM2-135M 3.8x slower (bf16 matmuls have no fast path on most CPUs;
     ``benchmarks/sft_speed.py``) and trained the router in another precision than the one
     it routes in. bf16 is used on a GPU that supports it; gradient checkpointing only when
     ``settings.gradient_checkpointing`` asks for it."""
