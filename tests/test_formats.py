@@ -53,6 +53,19 @@ def test_route_only_turns_allow_only_the_canonical_spelling_of_each_tier():
     assert RouterFormat().route_token_ids(tok, ["small", "large"]) is None  # think text is free
 
 
+def test_vllm_turns_and_served_routes_share_one_token_set():
+    """``turn_token_ids`` (the RL engine's and the server's set): route-only turns their tags
+    and tiers; think/route turns the four tags, the end of turn and every token without ``<``
+    (``<x`` is out), so a tag cannot be spelled in pieces."""
+    from rlrouter.router.generation import turn_token_ids
+
+    vocab = ["<|im_end|>", "<think>", "</think>", "<route>", "</route>", "small", "large", "l", "arge", "<x", "ok"]
+    tok = ListTokenizer(vocab)
+    assert turn_token_ids(RouterFormat("route"), tok, ["large"]) == [0, 3, 4, 6]
+    assert turn_token_ids(RouterFormat(), tok, ["small"]) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10]
+    assert turn_token_ids(RouterFormat("route"), tok, ["small"]) == [0, 3, 4, 5]  # cached per format too
+
+
 def test_route_only_constraint_opens_with_the_route_tag():
     from rlrouter.router.generation import RouteConstraint
 

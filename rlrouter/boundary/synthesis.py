@@ -199,9 +199,8 @@ def hindsight_trajectory(env: RoutingEnv, task_id: str, budget: Budget, seed: in
     ``tolerance`` share of the draws: the label becomes "the pricier tier's gain here is
     above ``tolerance``", a function of the step rather than one Bernoulli draw of it. The
     episode goes on under its own draws, so the route may fail where the priciest tier
-    would not have. ``draws = 1`` is the rule above for any ``tolerance`` < 1."""
-    check_hindsight(draws, tolerance)
-    top = len(env.pool) - 1
+    would not have. ``draws = 1`` is the rule above for any ``tolerance`` < 1. Bad ``draws``
+    or ``tolerance`` raise in the first ``hindsight_label``, before any replay."""
     route: list[int] = []
     while True:
         tier, ended = hindsight_label(env, task_id, budget, seed, route, draws, tolerance)

@@ -11,7 +11,8 @@ Engines (the same rule on each):
 - ``HFEngine``: transformers ``generate`` with ``RouteConstraint`` as a logits processor
   (the CPU default for rollouts and evaluation).
 - ``VLLMEngine``: vLLM's offline engine in this process, the rule as a structured-output
-  regex (``route_regex``); ``load_weights`` pushes new policy weights in place (RL).
+  regex (``route_regex``) and a token set (``turn_token_ids``); ``load_weights`` pushes new
+  policy weights in place (RL).
 - ``AsyncRouterEngine``: vLLM's async engine for the server (``rlrouter serve``).
 
 The RL stage recomputes the log-probs of the *constrained* distribution it sampled from
@@ -169,6 +170,20 @@ def think_turn_token_ids(tokenizer, allowed: list[str]) -> list[int]:
     return sorted(ids)
 
 
+_TURN_IDS: dict[tuple, list[int]] = {}
+
+
+def turn_token_ids(fmt: RouterFormat, tokenizer, allowed: list[str]) -> list[int]:
+    """The token set a constrained router turn may use on vLLM, beside the format's regex:
+    ``RouterFormat.route_token_ids`` for route-only turns, ``think_turn_token_ids`` for
+    think/route turns (cached per tokenizer, format and allowed tiers). The RL engine and
+    the server pass the same set, so a served route is decoded as the trained one was."""
+    key = (id(tokenizer), fmt.turn_format, tuple(allowed))
+    if key not in _TURN_IDS:
+        _TURN_IDS[key] = fmt.route_token_ids(tokenizer, allowed) or think_turn_token_ids(tokenizer, allowed)
+    return _TURN_IDS[key]
+
+
 def constraint_masks(tokenizer, turn) -> list[list[int] | None]:
     """For each generated token of ``turn``, the token ids the route constraint allowed at
     that point (``None``: think text, anything but ``RouteConstraint.think_banned``; ``[]``
@@ -259,7 +274,7 @@ def vllm_environment(in_process: bool) -> None:
 def sampling_params(regex: str | None, max_tokens: int, temperature: float, logprobs: bool = False,
                     skip_special_tokens: bool = True, allowed_token_ids: list[int] | None = None):
     """vLLM sampling parameters of one router turn, decoded under ``regex`` when given and
-    restricted to ``allowed_token_ids`` when given (``RouterFormat.route_token_ids``)."""
+    restricted to ``allowed_token_ids`` when given (``turn_token_ids``)."""
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
@@ -296,15 +311,6 @@ class VLLMEngine:
         self.tokenizer = tokenizer
         self.tiers = list(tiers)
         self.max_new_tokens = max_new_tokens
-        self._turn_ids: dict[tuple, list[int]] = {}
-
-    def turn_token_ids(self, allowed: list[str]) -> list[int]:
-        """The tokens a constrained turn may use (cached per allowed set)."""
-        key = tuple(allowed)
-        if key not in self._turn_ids:
-            self._turn_ids[key] = (self.format.route_token_ids(self.tokenizer, allowed)
-                                   or think_turn_token_ids(self.tokenizer, allowed))
-        return self._turn_ids[key]
 
     def load_weights(self, model) -> None:
         """Push the policy's current weights into the engine (in place, no restart)."""
@@ -318,7 +324,8 @@ class VLLMEngine:
 
         params = [sampling_params(self.format.regex(row_allowed) if constrain else None, self.max_new_tokens,
                                   temperature if sample else 0.0, logprobs=logprobs, skip_special_tokens=False,
-                                  allowed_token_ids=self.turn_token_ids(row_allowed) if constrain else None)
+                                  allowed_token_ids=turn_token_ids(self.format, self.tokenizer, row_allowed)
+                                  if constrain else None)
                   for row_allowed in allowed]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         result = []

@@ -12,7 +12,9 @@ Budgets are enforced *before* money is spent, from worst cases:
   most the request's ``max_tokens``), so its real cost cannot pass the budget.
 
 The router's own decoding is constrained by a regex (vLLM structured outputs) that only
-lets it name allowed tiers, so a budget-breaking route cannot be generated.
+lets it name allowed tiers, so a budget-breaking route cannot be generated; step routes are
+also held to the token set the RL engine decodes with (``turn_token_ids``), so a tag or a
+tier is spelled as training spelled it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 from envs.budget import Budget
 from envs.pool import Pool, Tier
+from rlrouter.router.generation import turn_token_ids
 from rlrouter.router.prompt import (HISTORY_WINDOW, INFO_CLOSE, INFO_OPEN, QUERY_CHARS, RouterFormat,
                                     chat_system_message, chat_turn_regex, parse_chat_turn, prompt_token_ids,
                                     step_user_message)
@@ -193,7 +196,7 @@ class RouterService:
                                  f"{self.engine.max_model_len} (shorten task, next_step or the history's observations)")
         out = await self.engine.generate(ids, self.format.regex(allowed), self.config.router_max_tokens,
                                          float(request.get("temperature", 0.0)),
-                                         allowed_token_ids=self.format.route_token_ids(self.tokenizer, allowed))
+                                         allowed_token_ids=turn_token_ids(self.format, self.tokenizer, allowed))
         parsed, well_formed = self.format.parse(out.text, allowed, fallback=allowed[0])
         malformed = not well_formed
         if malformed:
