@@ -8,8 +8,8 @@ serving overhead against raw vLLM generation of the same tokens.
 3. Chat mode: N clients send chat requests (think/route/answer with pool calls) for
    ``--seconds``; same numbers.
 4. Stop the server; start the same router on vLLM's async engine in this process and send
-   exactly the step requests the server completed — same prompts, same structured-output
-   regex, same concurrency — with no HTTP, no validation, no prompt building. The ratio
+   exactly the step requests the server completed — same prompts, same route constraint
+   (``route_args``), same concurrency — with no HTTP, no validation, no prompt building. The ratio
    served time / raw time is what the server costs on top of the engine (goal ≤ 1.15×).
 
 usage: python benchmarks/serve_load.py [--clients 8] [--seconds 20] [--checkpoint DIR] [--out DIR]
@@ -106,13 +106,12 @@ async def load(url: str, bodies: list[dict], clients: int, seconds: float, heade
 
 
 async def raw_generation(checkpoint: Path, config, bodies: list[dict], clients: int) -> dict:
-    """The same step requests straight on the engine: prompts and regexes prepared up front."""
+    """The same step requests straight on the engine: prompts and route constraints prepared up front."""
     from transformers import AutoTokenizer
 
     from envs import Budget
     from rlrouter.router.checkpoint import read_meta
-    from rlrouter.router.prompt import route_regex
-    from rlrouter.router.generation import AsyncRouterEngine
+    from rlrouter.router.generation import AsyncRouterEngine, route_args
     from rlrouter.serve.service import RouterService, Spend, pool_descriptors
 
     # the server's own prompt building, without its engine, pool client or metrics
@@ -122,18 +121,19 @@ async def raw_generation(checkpoint: Path, config, bodies: list[dict], clients: 
     for body in bodies:
         budget = Budget.from_dict(body["budget"])
         spend = Spend(body["spent"]["usd"], body["spent"]["calls"])
-        work.append((service.step_prompt(body, budget, spend), route_regex(service.step_allowed(body, budget, spend))))
+        work.append((service.step_prompt(body, budget, spend),
+                     route_args(service.step_allowed(body, budget, spend), service.format.turn_format)))
     engine = AsyncRouterEngine(checkpoint, max_model_len=2048)
     try:
-        await engine.generate(work[0][0], work[0][1], config.router_max_tokens)  # warm-up, as the server had
+        await engine.generate(work[0][0], None, config.router_max_tokens, extra_args=work[0][1])  # warm-up, as the server had
         before = cpu_seconds(os.getpid())
         queue = list(range(len(work)))
         tokens = []
 
         async def client():
             while queue:
-                ids, regex = work[queue.pop(0)]
-                out = await engine.generate(ids, regex, config.router_max_tokens)
+                ids, constraint = work[queue.pop(0)]
+                out = await engine.generate(ids, None, config.router_max_tokens, extra_args=constraint)
                 tokens.append(out.completion_tokens)
 
         start = time.perf_counter()

@@ -2,6 +2,7 @@
 more than two tiers, and the layer freeze, on the tiny router's parts."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -42,28 +43,49 @@ def test_route_only_turns_parse_strictly_and_match_the_regex():
     assert fmt.system([{"name": "small", "usd_per_1m_input": 1, "usd_per_1m_output": 2}]).endswith(REPLY_LINES["route"])
 
 
-def test_route_only_turns_allow_only_the_canonical_spelling_of_each_tier():
-    # vocab ids: 0 end of turn, 3 <route>, 4 </route>; "medium" is spelled 8 + 9 ("med" "ium"),
-    # and the pieces 10, 11 ("l", "arge") spell "large" another way, which is never allowed
+def test_vllm_route_processor_allows_what_the_route_constraint_allows():
+    """vLLM's logits processor masks each request as ``RouteConstraint.allowed_next`` does on
+    the tokens generated so far: only the canonical spelling of an allowed tier ("medium" is
+    8 + 9; "l" + "arge" never), no ``<`` in think text, the route bias at the tier token, and
+    requests that did not ask for it untouched; rows follow vLLM's batch moves."""
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    from rlrouter.router.generation import route_args
+    from rlrouter.router.vllm_route import RouteLogitsProcessor
+
     vocab = ["<|im_end|>", "<think>", "</think>", "<route>", "</route>", "small", "medium", "large", "med", "ium",
-             "l", "arge"]
-    tok = ListTokenizer(vocab, pieces={"medium": [8, 9]})
-    assert RouterFormat("route").route_token_ids(tok, ["small", "medium"]) == [0, 3, 4, 5, 8, 9]
-    assert RouterFormat("route").route_token_ids(tok, ["large"]) == [0, 3, 4, 7]
-    assert RouterFormat().route_token_ids(tok, ["small", "large"]) is None  # think text is free
+             "l", "arge", "<x", "ok"]
+    proc = RouteLogitsProcessor(None, torch.device("cpu"), False, tokenizer=ListTokenizer(vocab, {"medium": [8, 9]}))
 
+    def finite(logits, row):
+        return torch.isfinite(logits[row]).nonzero().flatten().tolist()
 
-def test_vllm_turns_and_served_routes_share_one_token_set():
-    """``turn_token_ids`` (the RL engine's and the server's set): route-only turns their tags
-    and tiers; think/route turns the four tags, the end of turn and every token without ``<``
-    (``<x`` is out), so a tag cannot be spelled in pieces."""
-    from rlrouter.router.generation import turn_token_ids
-
-    vocab = ["<|im_end|>", "<think>", "</think>", "<route>", "</route>", "small", "large", "l", "arge", "<x", "ok"]
-    tok = ListTokenizer(vocab)
-    assert turn_token_ids(RouterFormat("route"), tok, ["large"]) == [0, 3, 4, 6]
-    assert turn_token_ids(RouterFormat(), tok, ["small"]) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10]
-    assert turn_token_ids(RouterFormat("route"), tok, ["small"]) == [0, 3, 4, 5]  # cached per format too
+    route_only, think, biased = [3], [1, 13], [3]  # the requests' live output ids
+    proc.update_state(BatchUpdate(batch_size=4, removed=[], moved=[], added=[
+        (0, SamplingParams(extra_args=route_args(["small", "medium"], "route")), None, route_only),
+        (1, SamplingParams(extra_args=route_args(["small", "large"], "think_route")), None, think),
+        (2, SamplingParams(), None, [5]),
+        (3, SamplingParams(extra_args=route_args(["small", "large"], "route", route_bias=3.0)), None, biased)]))
+    logits = torch.zeros(4, len(vocab))
+    logits[3, 5], logits[3, 7] = math.log(0.8), math.log(0.2)  # P(small) = 0.8 < sigmoid(3) = 0.95
+    out = proc.apply(logits.clone())
+    assert finite(out, 0) == [5, 8]  # small, or med(ium); not "medium" as one token, not "l"
+    assert finite(out, 1) == [2, 5, 6, 7, 8, 9, 10, 11, 13]  # think text: no "<" but </think>, no end of turn
+    assert finite(out, 2) == list(range(len(vocab)))
+    assert finite(out, 3) == [7]  # the bias escalates to large
+    route_only.append(8)
+    think += [2]
+    assert finite(proc.apply(torch.zeros(4, len(vocab))), 0) == [9]
+    assert finite(proc.apply(torch.zeros(4, len(vocab))), 1) == [3]
+    think.append(3)
+    assert finite(proc.apply(torch.zeros(4, len(vocab))), 1) == [5, 7]
+    proc.update_state(BatchUpdate(batch_size=3, removed=[2], added=[],
+                                  moved=[(0, 1, MoveDirectionality.SWAP)]))
+    out = proc.apply(torch.zeros(4, len(vocab)))
+    assert finite(out, 1) == [9] and finite(out, 0) == [5, 7] and finite(out, 2) == list(range(len(vocab)))
+    with pytest.raises(ValueError, match="rlrouter_route"):
+        RouteLogitsProcessor.validate_params(SamplingParams(extra_args={"rlrouter_route": {"allowed": []}}))
 
 
 def test_route_only_constraint_opens_with_the_route_tag():

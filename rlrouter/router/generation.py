@@ -10,10 +10,11 @@ Engines (the same rule on each):
 
 - ``HFEngine``: transformers ``generate`` with ``RouteConstraint`` as a logits processor
   (the CPU default for rollouts and evaluation).
-- ``VLLMEngine``: vLLM's offline engine in this process, the rule as a structured-output
-  regex (``route_regex``) and a token set (``turn_token_ids``); ``load_weights`` pushes new
-  policy weights in place (RL).
-- ``AsyncRouterEngine``: vLLM's async engine for the server (``rlrouter serve``).
+- ``VLLMEngine``: vLLM's offline engine in this process, the same rule as a vLLM logits
+  processor (``rlrouter.router.vllm_route``); ``load_weights`` pushes new policy weights in
+  place (RL).
+- ``AsyncRouterEngine``: vLLM's async engine for the server (``rlrouter serve``), with the
+  same processor for step routes.
 
 The RL stage recomputes the log-probs of the *constrained* distribution it sampled from
 (``constraint_masks``), so training and sampling see the same policy.
@@ -42,8 +43,9 @@ class RouteConstraint(LogitsProcessor):
       ``</route>``, then the end-of-turn token.
 
     A forbidden tier therefore cannot be generated, and only running out of
-    ``max_new_tokens`` inside the think text can leave a turn malformed. vLLM applies the
-    same rule as a structured-output regex (``route_regex``). With ``turn_format="route"``
+    ``max_new_tokens`` inside the think text can leave a turn malformed. vLLM applies this
+    very rule (``rlrouter.router.vllm_route.RouteLogitsProcessor`` calls ``allowed_next``),
+    token for token. With ``turn_format="route"``
     the turn opens with ``<route>`` directly.
 
     ``route_bias`` b (log-odds; 0 = plain greedy) is the threshold knob of classic routers,
@@ -108,17 +110,17 @@ class RouteConstraint(LogitsProcessor):
         device = scores.device
         if think_rows:
             rows = torch.tensor(think_rows, device=device)
-            scores[rows[:, None], self._banned_on(device)[None, :]] = -float("inf")
+            scores[rows[:, None], self.banned_on(device)[None, :]] = -float("inf")
         if forced_rows:
             rows, cols = torch.tensor(keep_rows, device=device), torch.tensor(keep_cols, device=device)
             keep = scores[rows, cols]
             scores[torch.tensor(forced_rows, device=device)] = -float("inf")
             scores[rows, cols] = keep
             if bias_rows:
-                self._escalate(scores, bias_rows, bias_firsts)
+                self.escalate(scores, bias_rows, bias_firsts)
         return scores
 
-    def _escalate(self, scores: torch.Tensor, rows: list[int], firsts: list[list[int]]) -> None:
+    def escalate(self, scores: torch.Tensor, rows: list[int], firsts: list[list[int]]) -> None:
         """At the tier token of ``rows``: keep only the tier the cumulative rule picks
         (class docstring), batched over the rows (padded to the widest row's tier count)."""
         device = scores.device
@@ -135,7 +137,7 @@ class RouteConstraint(LogitsProcessor):
         drop = real & (position != chosen[:, None])
         scores[rows_t[:, None].expand_as(cols)[drop], cols[drop]] = -float("inf")
 
-    def _banned_on(self, device) -> torch.Tensor:
+    def banned_on(self, device) -> torch.Tensor:
         if self._banned_tensor is None or self._banned_tensor.device != torch.device(device):
             self._banned_tensor = torch.tensor(self.think_banned, device=device)
         return self._banned_tensor
@@ -153,35 +155,6 @@ def think_banned_ids(tokenizer) -> list[int]:
         banned = [i for i in range(len(tokenizer)) if i != close and "<" in tokenizer.decode([i])]
         _THINK_BANNED[key] = sorted(set(banned) | {tokenizer.eos_token_id})
     return _THINK_BANNED[key]
-
-
-def think_turn_token_ids(tokenizer, allowed: list[str]) -> list[int]:
-    """Think/route turns on vLLM: every token the turn may use — the format's four tags as
-    their own tokens, each allowed tier's tokenization, the end of turn, and any token
-    without ``<`` for the think text. With the regex alone vLLM may spell ``<think>`` as
-    ``<think`` + ``>``, which transformers' ``RouteConstraint`` never writes and training
-    never saw: a policy moved by RL can come to prefer it and route from a different
-    state than the trainer's engine (measured on the tiny router after a few updates)."""
-    banned = set(think_banned_ids(tokenizer))
-    tags = {tokenizer.convert_tokens_to_ids(t) for t in (THINK_OPEN, THINK_CLOSE, ROUTE_OPEN, ROUTE_CLOSE)}
-    ids = {i for i in range(len(tokenizer)) if i not in banned} | tags | {tokenizer.eos_token_id}
-    for tier in allowed:
-        ids.update(tier_token_ids(tokenizer, tier))
-    return sorted(ids)
-
-
-_TURN_IDS: dict[tuple, list[int]] = {}
-
-
-def turn_token_ids(fmt: RouterFormat, tokenizer, allowed: list[str]) -> list[int]:
-    """The token set a constrained router turn may use on vLLM, beside the format's regex:
-    ``RouterFormat.route_token_ids`` for route-only turns, ``think_turn_token_ids`` for
-    think/route turns (cached per tokenizer, format and allowed tiers). The RL engine and
-    the server pass the same set, so a served route is decoded as the trained one was."""
-    key = (id(tokenizer), fmt.turn_format, tuple(allowed))
-    if key not in _TURN_IDS:
-        _TURN_IDS[key] = fmt.route_token_ids(tokenizer, allowed) or think_turn_token_ids(tokenizer, allowed)
-    return _TURN_IDS[key]
 
 
 def constraint_masks(tokenizer, turn) -> list[list[int] | None]:
@@ -271,15 +244,25 @@ def vllm_environment(in_process: bool) -> None:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
+ROUTE_PROCESSOR = "rlrouter.router.vllm_route:RouteLogitsProcessor"  # loaded by every vLLM engine here
+ROUTE_ARGS = "rlrouter_route"  # the sampling parameters' extra_args key that asks for it
+
+
+def route_args(allowed: list[str], turn_format: str, route_bias: float = 0.0) -> dict:
+    """``extra_args`` of a router turn decoded by vLLM under ``RouteConstraint``'s rule."""
+    return {ROUTE_ARGS: {"allowed": list(allowed), "turn_format": turn_format, "route_bias": float(route_bias)}}
+
+
 def sampling_params(regex: str | None, max_tokens: int, temperature: float, logprobs: bool = False,
-                    skip_special_tokens: bool = True, allowed_token_ids: list[int] | None = None):
-    """vLLM sampling parameters of one router turn, decoded under ``regex`` when given and
-    restricted to ``allowed_token_ids`` when given (``turn_token_ids``)."""
+                    skip_special_tokens: bool = True, extra_args: dict | None = None):
+    """vLLM sampling parameters of one turn: decoded under ``regex`` when given (the server's
+    chat turns), under the route constraint when ``extra_args`` is
+    ``route_args(...)`` (router turns)."""
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
     return SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=0 if logprobs else None,
-                          skip_special_tokens=skip_special_tokens, allowed_token_ids=allowed_token_ids,
+                          skip_special_tokens=skip_special_tokens, extra_args=extra_args,
                           structured_outputs=StructuredOutputsParams(regex=regex) if regex else None)
 
 
@@ -297,8 +280,10 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_dir: str, tokenizer, tiers: list[str], max_new_tokens: int = 32, seed: int = 0,
-                 gpu_memory_utilization: float = 0.5, max_model_len: int = 2048, format: RouterFormat | None = None):
+                 gpu_memory_utilization: float = 0.5, max_model_len: int = 2048, format: RouterFormat | None = None,
+                 route_bias: float = 0.0):
         self.format = format or RouterFormat()
+        self.route_bias = float(route_bias)
         vllm_environment(in_process=True)
         from vllm import LLM
 
@@ -306,7 +291,7 @@ class VLLMEngine:
         self.llm = LLM(model=str(model_dir), dtype="float32", seed=seed, enforce_eager=True,
                        logprobs_mode="processed_logprobs",  # after temperature and the route constraint
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                       distributed_executor_backend="external_launcher")
+                       distributed_executor_backend="external_launcher", logits_processors=[ROUTE_PROCESSOR])
         torch.set_num_threads(threads)
         self.tokenizer = tokenizer
         self.tiers = list(tiers)
@@ -322,9 +307,9 @@ class VLLMEngine:
                  temperature: float = 1.0, logprobs: bool = False, constrain: bool = True) -> list[Generation]:
         from vllm.inputs import TokensPrompt
 
-        params = [sampling_params(self.format.regex(row_allowed) if constrain else None, self.max_new_tokens,
-                                  temperature if sample else 0.0, logprobs=logprobs, skip_special_tokens=False,
-                                  allowed_token_ids=turn_token_ids(self.format, self.tokenizer, row_allowed)
+        params = [sampling_params(None, self.max_new_tokens, temperature if sample else 0.0, logprobs=logprobs,
+                                  skip_special_tokens=False,
+                                  extra_args=route_args(row_allowed, self.format.turn_format, self.route_bias)
                                   if constrain else None)
                   for row_allowed in allowed]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
@@ -347,7 +332,8 @@ class EngineOutput:
 
 class AsyncRouterEngine:
     """The router on vLLM's async engine, in the server's process: one request at a time
-    from many coroutines, each decoded under its own structured-output regex."""
+    from many coroutines, each decoded under its own rule (the route constraint for step
+    routes, a structured-output regex for chat turns)."""
 
     def __init__(self, checkpoint: str | Path, max_model_len: int = 2048, gpu_memory_utilization: float = 0.5,
                  dtype: str = "auto", seed: int = 0, enforce_eager: bool = False):
@@ -358,13 +344,14 @@ class AsyncRouterEngine:
         self.max_model_len = max_model_len
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=str(checkpoint), dtype=dtype, max_model_len=max_model_len, seed=seed,
-            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, enable_log_requests=False))
+            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, enable_log_requests=False,
+            logits_processors=[ROUTE_PROCESSOR]))
 
-    async def generate(self, prompt_ids: list[int], regex: str, max_tokens: int, temperature: float = 0.0,
-                       request_id: str | None = None, allowed_token_ids: list[int] | None = None) -> EngineOutput:
+    async def generate(self, prompt_ids: list[int], regex: str | None, max_tokens: int, temperature: float = 0.0,
+                       request_id: str | None = None, extra_args: dict | None = None) -> EngineOutput:
         from vllm.inputs import TokensPrompt
 
-        params = sampling_params(regex, max_tokens, temperature, allowed_token_ids=allowed_token_ids)
+        params = sampling_params(regex, max_tokens, temperature, extra_args=extra_args)
         final = None
         async for output in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params,
                                               request_id or uuid.uuid4().hex):

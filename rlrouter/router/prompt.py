@@ -119,7 +119,8 @@ def parse_route(text: str, tiers: list[str], fallback: str,
 
 
 def route_regex(allowed: list[str], turn_format: str = "think_route") -> str:
-    """The strict format over the allowed tiers, as a regex for vLLM's structured outputs."""
+    """The strict format over the allowed tiers, as a regex over text: what the route
+    constraint lets a turn say (the constraint also fixes how it is tokenized)."""
     tiers = "|".join(re.escape(t) for t in allowed)
     route = f"{re.escape(ROUTE_OPEN)}({tiers}){re.escape(ROUTE_CLOSE)}"
     if turn_format == "route":
@@ -144,8 +145,8 @@ def batch_prompt_token_ids(tokenizer, conversations: list[list[dict]]) -> list[l
 
 def tier_token_ids(tokenizer, tier: str) -> list[int]:
     """A tier's canonical spelling after ``<route>``: its own tokenization, no special
-    tokens. Both route constraints (transformers' ``RouteConstraint`` and vLLM's
-    ``allowed_token_ids``) allow exactly this spelling, so they cannot drift apart."""
+    tokens. ``RouteConstraint`` (on transformers, and inside vLLM through
+    ``rlrouter.router.vllm_route``) allows exactly this spelling."""
     return tokenizer.encode(tier, add_special_tokens=False)
 
 
@@ -295,21 +296,6 @@ class RouterFormat:
 
     def regex(self, allowed: list[str]) -> str:
         return route_regex(allowed, self.turn_format)
-
-    def route_token_ids(self, tokenizer, allowed: list[str]) -> list[int] | None:
-        """Route-only turns: the only tokens the turn may use — ``<route>``, each allowed
-        tier's own tokenization, ``</route>``, the end of turn. vLLM decodes under the regex
-        *and* this set, so the tier is spelled as training spelled it: the regex alone lets a
-        BPE base write ``large`` as ``l`` + ``arge`` and split the tier's mass over spellings
-        (transformers' ``RouteConstraint`` already allows only the canonical one). ``None``
-        for think/route turns (the think text is free)."""
-        if self.turn_format != "route":
-            return None
-        ids = {tokenizer.convert_tokens_to_ids(ROUTE_OPEN), tokenizer.convert_tokens_to_ids(ROUTE_CLOSE),
-               tokenizer.eos_token_id}
-        for tier in allowed:
-            ids.update(tier_token_ids(tokenizer, tier))
-        return sorted(ids)
 
     def fit(self, tokenizer, messages: list[dict]) -> list[dict]:
         """``messages`` whose rendered prompt (generation prompt included) has at most

@@ -11,10 +11,10 @@ Budgets are enforced *before* money is spent, from worst cases:
 - the call then gets ``max_tokens`` = the output tokens the dollars left can pay for (at
   most the request's ``max_tokens``), so its real cost cannot pass the budget.
 
-The router's own decoding is constrained by a regex (vLLM structured outputs) that only
-lets it name allowed tiers, so a budget-breaking route cannot be generated; step routes are
-also held to the token set the RL engine decodes with (``turn_token_ids``), so a tag or a
-tier is spelled as training spelled it.
+The router's own decoding can only name allowed tiers, so a budget-breaking route cannot
+be generated: step routes are decoded under the route constraint itself
+(``rlrouter.router.vllm_route``, the rule of the RL engines, so a tag or a tier is spelled
+as training spelled it), chat turns under a regex (vLLM structured outputs).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 from envs.budget import Budget
 from envs.pool import Pool, Tier
-from rlrouter.router.generation import turn_token_ids
+from rlrouter.router.generation import route_args
 from rlrouter.router.prompt import (HISTORY_WINDOW, INFO_CLOSE, INFO_OPEN, QUERY_CHARS, RouterFormat,
                                     chat_system_message, chat_turn_regex, parse_chat_turn, prompt_token_ids,
                                     step_user_message)
@@ -194,9 +194,9 @@ class RouterService:
             raise RequestTooLong(f"the step prompt is {len(ids)} router tokens; with router_max_tokens "
                                  f"{self.config.router_max_tokens} it does not fit the router's context of "
                                  f"{self.engine.max_model_len} (shorten task, next_step or the history's observations)")
-        out = await self.engine.generate(ids, self.format.regex(allowed), self.config.router_max_tokens,
+        out = await self.engine.generate(ids, None, self.config.router_max_tokens,
                                          float(request.get("temperature", 0.0)),
-                                         allowed_token_ids=turn_token_ids(self.format, self.tokenizer, allowed))
+                                         extra_args=route_args(allowed, self.format.turn_format))
         parsed, well_formed = self.format.parse(out.text, allowed, fallback=allowed[0])
         malformed = not well_formed
         if malformed:
