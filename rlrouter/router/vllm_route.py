@@ -2,8 +2,8 @@
 
 vLLM's engines (``VLLMEngine`` for RL rollouts, ``AsyncRouterEngine`` for ``rlrouter
 serve``) load ``RouteLogitsProcessor`` at start. A request asks for the rule through its
-sampling parameters (``rlrouter.router.generation.route_args``): ``extra_args["rlrouter_route"] = {"allowed": [...],
-"turn_format": ..., "route_bias": ...}``. At every decoding step the processor masks each
+sampling parameters, ``extra_args = rlrouter.router.generation.route_args(allowed,
+turn_format, route_bias)``. At every decoding step the processor masks each
 such request's logits with ``RouteConstraint.allowed_next`` on the tokens it has generated so
 far — the very function transformers' engine applies — so the two engines allow the same
 token at every position: the tags and the tiers are spelled as training spelled them (a
