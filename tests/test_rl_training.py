@@ -262,7 +262,7 @@ def test_vllm_engine_rollouts_give_the_same_greedy_routes_as_hf_after_a_weight_u
     result = json.loads(out.read_text())
     assert result["weights_changed"]  # the update moved the policy
     assert result["vllm_routes"] == result["hf_routes"]
-    # ... token for token: vLLM may not spell the format's tags in pieces (think_turn_token_ids)
+    # ... token for token: vLLM may not spell the format's tags in pieces (rlrouter.router.vllm_route)
     assert result["split_gaps"] == [0.0] * len(result["hf_routes"])
     assert result["routes_changed"]  # ... enough to change greedy routes, so a stale vLLM would differ
     assert result["iteration"]["logprob_gap"] < 1e-3  # vLLM's log-probs are the trainer's
