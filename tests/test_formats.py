@@ -61,19 +61,23 @@ def test_vllm_route_processor_allows_what_the_route_constraint_allows():
     def finite(logits, row):
         return torch.isfinite(logits[row]).nonzero().flatten().tolist()
 
-    route_only, think, biased = [3], [1, 13], [3]  # the requests' live output ids
-    proc.update_state(BatchUpdate(batch_size=4, removed=[], moved=[], added=[
+    route_only, think, biased, same_rule = [3], [1, 13], [3], [3, 8]  # the requests' live output ids
+    proc.update_state(BatchUpdate(batch_size=5, removed=[], moved=[], added=[
         (0, SamplingParams(extra_args=route_args(["small", "medium"], "route")), None, route_only),
         (1, SamplingParams(extra_args=route_args(["small", "large"], "think_route")), None, think),
         (2, SamplingParams(), None, [5]),
-        (3, SamplingParams(extra_args=route_args(["small", "large"], "route", route_bias=3.0)), None, biased)]))
-    logits = torch.zeros(4, len(vocab))
+        (3, SamplingParams(extra_args=route_args(["small", "large"], "route", route_bias=3.0)), None, biased),
+        (4, SamplingParams(extra_args=route_args(["small", "medium"], "route")), None, same_rule)]))
+    assert len(proc.rules) == 3  # requests 0 and 4 share one rule: one batched mask call for both
+    logits = torch.zeros(5, len(vocab))
     logits[3, 5], logits[3, 7] = math.log(0.8), math.log(0.2)  # P(small) = 0.8 < sigmoid(3) = 0.95
     out = proc.apply(logits.clone())
     assert finite(out, 0) == [5, 8]  # small, or med(ium); not "medium" as one token, not "l"
     assert finite(out, 1) == [2, 5, 6, 7, 8, 9, 10, 11, 13]  # think text: no "<" but </think>, no end of turn
     assert finite(out, 2) == list(range(len(vocab)))
     assert finite(out, 3) == [7]  # the bias escalates to large
+    assert finite(out, 4) == [9]  # after "med", only "ium"
+    proc.update_state(BatchUpdate(batch_size=4, removed=[4], moved=[], added=[]))
     route_only.append(8)
     think += [2]
     assert finite(proc.apply(torch.zeros(4, len(vocab))), 0) == [9]

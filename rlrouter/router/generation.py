@@ -44,7 +44,7 @@ class RouteConstraint(LogitsProcessor):
 
     A forbidden tier therefore cannot be generated, and only running out of
     ``max_new_tokens`` inside the think text can leave a turn malformed. vLLM applies this
-    very rule (``rlrouter.router.vllm_route.RouteLogitsProcessor`` calls ``allowed_next``),
+    very rule (``rlrouter.router.vllm_route.RouteLogitsProcessor`` calls ``mask``),
     token for token. With ``turn_format="route"``
     the turn opens with ``<route>`` directly.
 
@@ -90,39 +90,45 @@ class RouteConstraint(LogitsProcessor):
                        if len(seq) > len(suffix) and seq[: len(suffix)] == suffix}) or [self.eos_id]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        """One decoding step for the whole batch: the rows' allowed sets are worked out in
-        Python from one copy of the generated ids, then applied with a few batched tensor
-        operations (per-row indexing cost a CUDA launch per row and step: 40% of an RL
-        iteration on a GPU)."""
+        """One transformers decoding step for the whole batch (``mask`` over every row)."""
         scores = scores.clone()  # generate(output_logits=True) keeps the raw tensor: never edit it in place
+        generated = input_ids[:, self.prompt_length:].tolist()  # one copy of the generated ids
+        self.mask(scores, [(row, row, ids) for row, ids in enumerate(generated)])
+        return scores
+
+    def mask(self, scores: torch.Tensor, rows: list[tuple[int, int, list[int]]]) -> None:
+        """Masks ``scores`` in place for ``rows``, each ``(index, row, generated)``: line
+        ``index`` of ``scores`` follows the rule's ``row`` after the tokens ``generated``.
+        transformers' ``__call__`` and vLLM's processor both call it. The allowed sets are
+        worked out in Python, then applied with a few batched tensor operations (per-row
+        indexing cost a CUDA launch per row and step: 40% of an RL iteration on a GPU)."""
         think_rows, forced_rows, keep_rows, keep_cols, bias_rows, bias_firsts = [], [], [], [], [], []
-        for row, generated in enumerate(input_ids[:, self.prompt_length:].tolist()):
+        for index, row, generated in rows:
             allowed = self.allowed_next(row, generated)
             if allowed is None:
-                think_rows.append(row)  # inside the think text
+                think_rows.append(index)  # inside the think text
                 continue
-            forced_rows.append(row)
-            keep_rows += [row] * len(allowed)
+            forced_rows.append(index)
+            keep_rows += [index] * len(allowed)
             keep_cols += allowed
             if self.route_bias and generated and generated[-1] == self.open_id and len(self.first_tokens[row]) > 1:
-                bias_rows.append(row)
+                bias_rows.append(index)
                 bias_firsts.append(self.first_tokens[row])
         device = scores.device
         if think_rows:
-            rows = torch.tensor(think_rows, device=device)
-            scores[rows[:, None], self.banned_on(device)[None, :]] = -float("inf")
+            lines = torch.tensor(think_rows, device=device)
+            scores[lines[:, None], self._banned_on(device)[None, :]] = -float("inf")
         if forced_rows:
-            rows, cols = torch.tensor(keep_rows, device=device), torch.tensor(keep_cols, device=device)
-            keep = scores[rows, cols]
+            lines, cols = torch.tensor(keep_rows, device=device), torch.tensor(keep_cols, device=device)
+            keep = scores[lines, cols]
             scores[torch.tensor(forced_rows, device=device)] = -float("inf")
-            scores[rows, cols] = keep
+            scores[lines, cols] = keep
             if bias_rows:
-                self.escalate(scores, bias_rows, bias_firsts)
-        return scores
+                self._escalate(scores, bias_rows, bias_firsts)
 
-    def escalate(self, scores: torch.Tensor, rows: list[int], firsts: list[list[int]]) -> None:
-        """At the tier token of ``rows``: keep only the tier the cumulative rule picks
-        (class docstring), batched over the rows (padded to the widest row's tier count)."""
+    def _escalate(self, scores: torch.Tensor, rows: list[int], firsts: list[list[int]]) -> None:
+        """At the tier token of ``rows`` (lines of ``scores``): keep only the tier the cumulative
+        rule picks (class docstring), batched over the rows (padded to the widest row's tier count)."""
         device = scores.device
         width = max(len(f) for f in firsts)
         cols = torch.tensor([f + [f[-1]] * (width - len(f)) for f in firsts], device=device)
@@ -137,7 +143,7 @@ class RouteConstraint(LogitsProcessor):
         drop = real & (position != chosen[:, None])
         scores[rows_t[:, None].expand_as(cols)[drop], cols[drop]] = -float("inf")
 
-    def banned_on(self, device) -> torch.Tensor:
+    def _banned_on(self, device) -> torch.Tensor:
         if self._banned_tensor is None or self._banned_tensor.device != torch.device(device):
             self._banned_tensor = torch.tensor(self.think_banned, device=device)
         return self._banned_tensor

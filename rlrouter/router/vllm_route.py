@@ -3,10 +3,10 @@
 vLLM's engines (``VLLMEngine`` for RL rollouts, ``AsyncRouterEngine`` for ``rlrouter
 serve``) load ``RouteLogitsProcessor`` at start. A request asks for the rule through its
 sampling parameters, ``extra_args = rlrouter.router.generation.route_args(allowed,
-turn_format, route_bias)``. At every decoding step the processor masks each
-such request's logits with ``RouteConstraint.allowed_next`` on the tokens it has generated so
-far — the very function transformers' engine applies — so the two engines allow the same
-token at every position: the tags and the tiers are spelled as training spelled them (a
+turn_format, route_bias)``. At every decoding step the processor groups the requests by
+rule and masks each group's logits with ``RouteConstraint.mask`` on the tokens each request
+has generated so far — the very method transformers' engine applies, batched over the
+rows — so the two engines allow the same token at every position: the tags and the tiers are spelled as training spelled them (a
 regex over text would also allow ``l`` + ``arge`` or ``<think`` + ``>``), and the route bias
 moves the tier token in both. Requests without the key are left as they are.
 
@@ -67,15 +67,11 @@ class RouteLogitsProcessor(LogitsProcessor):
         process_dict_updates(self.rows, batch_update, new_state)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """One vLLM decoding step: the requests are grouped by rule, and each rule masks its
+        requests' lines in one batched call (``RouteConstraint.mask``, as transformers' step)."""
+        groups: dict[int, tuple[RouteConstraint, list]] = {}
         for index, (rule, generated) in self.rows.items():
-            allowed = rule.allowed_next(0, generated)
-            if allowed is None:  # think text: anything but the banned tokens
-                logits[index, rule.banned_on(logits.device)] = -float("inf")
-                continue
-            cols = torch.tensor(allowed, device=logits.device)
-            keep = logits[index, cols]
-            logits[index] = -float("inf")
-            logits[index, cols] = keep
-            if rule.route_bias and generated and generated[-1] == rule.open_id and len(rule.first_tokens[0]) > 1:
-                rule.escalate(logits, [index], [rule.first_tokens[0]])
+            groups.setdefault(id(rule), (rule, []))[1].append((index, 0, generated))
+        for rule, rows in groups.values():
+            rule.mask(logits, rows)
         return logits
