@@ -124,6 +124,9 @@ class EvalSection:
         router_bias: route biases b at which a router checkpoint is evaluated, each one
             frontier point: the cheapest allowed tier whose cumulative probability (tiers in
             price order) reaches sigmoid(b); 0 = plain greedy (``RouteConstraint``).
+        engine: the engine router checkpoints play on: ``hf`` (transformers ``generate``) or
+            ``vllm`` (the in-process vLLM engine, one per checkpoint, all biases on it; the
+            same route rule, so the same greedy routes up to ties).
         embedding: the embedding routers' settings (``EmbeddingSection``).
         bootstrap: resamples of the tasks for the APGR / CPT intervals.
         out_dir: where results JSON, table and PNG go (default ``runs/<name>/eval``).
@@ -139,6 +142,7 @@ class EvalSection:
     taxonomy_threshold: float = 0.5
     oracle_max_expansions: int = 4000
     router_bias: list = field(default_factory=lambda: [0.0])
+    engine: str = "hf"
     embedding: Any = field(default_factory=dict)  # a mapping in YAML; an EmbeddingSection once loaded
     bootstrap: int = 200
     out_dir: str | None = None
@@ -471,6 +475,8 @@ def recipe_from_dict(data: Any, path: Path | None = None) -> Recipe:
             raise RecipeError(f"{where}: eval.policies: unknown policy {policy!r}; choose from {list(POLICIES)} "
                               f"or always-TIER with TIER one of {pool.names}")
     evaluation.embedding = _section(EmbeddingSection, evaluation.embedding, f"{where}: eval.embedding")
+    if evaluation.engine not in ("hf", "vllm"):
+        raise RecipeError(f"{where}: eval.engine must be 'hf' (transformers) or 'vllm', got {evaluation.engine!r}")
     if not isinstance(evaluation.bootstrap, int) or evaluation.bootstrap < 1:
         raise RecipeError(f"{where}: eval.bootstrap must be an integer >= 1, got {evaluation.bootstrap!r}")
     if not all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in evaluation.random_p):

@@ -127,9 +127,11 @@ def test_as_router_makes_the_format_tags_single_tokens_from_their_pieces(convert
 @pytest.mark.slow
 def test_vllm_gives_the_base_routers_greedy_routes_as_transformers(converted, tmp_path):
     """The converted base made a router (route-only turns), saved as a checkpoint: vLLM's
-    greedy routes equal transformers' on step prompts whose histories mix the tiers. (With
-    the regex alone vLLM chose small on all 44 where transformers chose large on 12: a BPE
-    base can spell ``large`` as ``l`` + ``arge``; the canonical spelling is now enforced.)"""
+    greedy routes equal transformers' on step prompts whose histories mix the tiers, and
+    ``rlrouter eval`` on either engine (``eval.engine``) plays the same episodes at route
+    biases 0 and 2. (With the regex alone vLLM chose small on all 44 where transformers chose
+    large on 12: a BPE base can spell ``large`` as ``l`` + ``arge``; the canonical spelling
+    is now enforced.)"""
     import json
     import subprocess
     import sys
@@ -145,3 +147,10 @@ def test_vllm_gives_the_base_routers_greedy_routes_as_transformers(converted, tm
     assert {"small", "large"} <= set(result["hf_routes"])  # the states' routes differ: a real comparison
     assert all(tier in allowed for tier, allowed in zip(result["hf_routes"], result["allowed"]))
     assert any(allowed == ["small"] for allowed in result["allowed"])  # some states had large capped out
+    # `rlrouter eval` with eval.engine: vllm plays every episode as with transformers, at both biases
+    assert result["eval_vllm"] == result["eval_hf"] and len(result["eval_hf"]) == 2 * 2 * 8
+    large = {}
+    for policy, budget, _, calls, _, _ in result["eval_vllm"]:
+        large[policy, budget] = large.get((policy, budget), 0) + calls["large"]
+        assert budget == "none" or calls["large"] <= 1
+    assert large["router(bias=2)", "none"] > large["router", "none"]  # the bias reaches the vLLM engine

@@ -107,6 +107,7 @@ def test_console_script_reports_bad_recipes_without_a_traceback(tmp_path):
     ({"eval": {"policies": ["always-medium"]}}, "unknown policy 'always-medium'"),
     ({"eval": {"budgets": ["xl_calls=3"]}}, "budget caps calls to tier 'xl'"),
     ({"eval": {"budgets": "usd=1"}}, "must be a list"),
+    ({"eval": {"engine": "vlm"}}, r"eval.engine must be 'hf' \(transformers\) or 'vllm', got 'vlm'"),
     ({"seed": "zero"}, "seed must be an integer"),
     ({"trainer": {}}, r"unknown section\(s\) \['trainer'\]"),
     ({"world": {"kind": "replay", "source": "routellm-mmlu", "data_dir": "/nowhere"}}, "not found"),

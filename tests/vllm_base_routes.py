@@ -14,6 +14,7 @@ from pathlib import Path
 if __name__ == "__main__":
     from envs import Budget
     from rlrouter.config import recipe_from_dict
+    from rlrouter.evaluate.job import eval_recipe
     from rlrouter.router.bases import resolve_base
     from rlrouter.router.checkpoint import load_router, save_checkpoint
     from rlrouter.router.generation import HFEngine, VLLMEngine
@@ -26,8 +27,8 @@ if __name__ == "__main__":
                                                                 "max_length": 4}})
     fmt = RouterFormat(turn_format="route", max_prompt_tokens=512)
     model, tok = as_router(*load_router(resolve_base("smollm2-135m", cache)))
-    checkpoint = save_checkpoint(model, tok, Path(out_dir) / "router",
-                                 {"pool": recipe.pool.describe(), "router": {"format": fmt.to_dict()}})
+    checkpoint = save_checkpoint(model, tok, Path(out_dir) / "router", {"pool": recipe.pool.describe(), "router": {
+        "format": fmt.to_dict(), "prompt_mode": "step"}})
     tiers = recipe.pool.names
     # step prompts of states reached by a seeded random policy: their histories mix the tiers
     views = random_policy_views(recipe.make_env("test"), [(100 + e, Budget(max_calls={"large": 1 + e % 3}), None)
@@ -42,4 +43,17 @@ if __name__ == "__main__":
 
     hf = routes(HFEngine(model.eval(), tok, tiers, max_new_tokens=8, format=fmt))
     vllm = routes(VLLMEngine(str(checkpoint), tok, tiers, max_new_tokens=8, format=fmt))
-    Path(out_path).write_text(json.dumps({"tiers": tiers, "allowed": allowed, "hf_routes": hf, "vllm_routes": vllm}))
+
+    def evaluated(engine):  # `rlrouter eval` of the checkpoint at two route biases, on one engine
+        recipe = recipe_from_dict({
+            "name": "base-eval", "world": {"kind": "synthetic", "n_train": 8, "n_test": 8, "max_length": 4},
+            "router": {"max_new_tokens": 8}, "eval": {
+                "tasks": 8, "budgets": ["none", "large_calls=1"], "policies": ["always-small"], "boundary_k": 1,
+                "router_bias": [0.0, 2.0], "engine": engine, "bootstrap": 10}})
+        result = eval_recipe(recipe, out_dir=Path(out_dir) / f"eval-{engine}", checkpoint=checkpoint, progress=False)
+        episodes = json.loads(Path(result["paths"]["json"]).read_text())["episodes"]
+        return sorted([e["policy"], e["budget"], e["task_id"], e["calls"], e["success"], e["cost_usd"]]
+                      for e in episodes if e["policy"].startswith("router"))
+
+    Path(out_path).write_text(json.dumps({"tiers": tiers, "allowed": allowed, "hf_routes": hf, "vllm_routes": vllm,
+                                          "eval_hf": evaluated("hf"), "eval_vllm": evaluated("vllm")}))

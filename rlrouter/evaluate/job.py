@@ -66,10 +66,12 @@ def eval_recipe(recipe: Recipe, budgets: list[Budget] | None = None, tasks: int 
         from rlrouter.evaluate.router_policy import RouterPolicy
 
         world = env.world
+        engine = _checkpoint_engine(recipe, path, tokenizer, ckpt_meta)
         routed = []
         for bias in cfg.router_bias:
             name = label if not bias else f"{label}(bias={bias:g})"
-            router = RouterPolicy.from_checkpoint(model, tokenizer, ckpt_meta, recipe, name=name, route_bias=float(bias))
+            router = RouterPolicy.from_checkpoint(model, tokenizer, ckpt_meta, recipe, name=name, route_bias=float(bias),
+                                                  engine=engine)
             routed += router.evaluate(lambda: recipe.make_env(cfg.split, world=world), task_ids, budgets, seed,
                                       progress=progress)
         for record in routed:
@@ -102,6 +104,18 @@ def eval_recipe(recipe: Recipe, budgets: list[Budget] | None = None, tasks: int 
     }
     paths = write_report(out, rows, [r.to_dict() for r in records], meta, curves=curves)
     return {"rows": rows, "curves": curves, "paths": paths, "meta": meta}
+
+
+def _checkpoint_engine(recipe: Recipe, path, tokenizer, meta: dict):
+    """The engine a checkpoint plays on (``eval.engine``): None = transformers on the loaded
+    model; ``vllm`` = an in-process vLLM engine on the checkpoint's directory."""
+    if recipe.eval.engine != "vllm":
+        return None
+    from rlrouter.router.generation import VLLMEngine
+    from rlrouter.router.prompt import RouterFormat
+
+    return VLLMEngine(str(path), tokenizer, recipe.pool.names, recipe.router.max_new_tokens, recipe.seed,
+                      format=RouterFormat.from_meta(meta))
 
 
 def _load_checkpoints(recipe: Recipe, checkpoint) -> dict:

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from envs.budget import Budget
 from rlrouter.evaluate.runner import EpisodeRecord, budget_violated, episode_seed
 from rlrouter.router.episodes import EpisodeSpec, play_episodes
-from rlrouter.router.generation import HFEngine
+from rlrouter.router.generation import HFEngine, with_route_bias
 from rlrouter.router.prompt import RouterFormat
 
 
@@ -40,14 +40,17 @@ class RouterPolicy:
 
     @classmethod
     def from_checkpoint(cls, model, tokenizer, meta: dict, recipe, name: str = "router",
-                        route_bias: float = 0.0) -> "RouterPolicy":
+                        route_bias: float = 0.0, engine=None) -> "RouterPolicy":
         """A greedy router over a loaded checkpoint (``load_checkpoint``'s model, tokenizer and
         metadata): the recipe's generation settings and the prompt format the checkpoint was
-        trained with (checkpoints older than step prompts used episode prompts)."""
+        trained with (checkpoints older than step prompts used episode prompts). ``engine``
+        (e.g. a ``VLLMEngine`` on the checkpoint) plays it at ``route_bias`` instead of
+        transformers."""
         trained = meta.get("router", {})
         return cls(model, tokenizer, recipe.pool.names, max_new_tokens=recipe.router.max_new_tokens,
                    batch_size=recipe.router.batch_size, route_bias=route_bias, name=name,
-                   prompt_mode=trained.get("prompt_mode", "episode"), fmt=RouterFormat.from_meta(meta))
+                   prompt_mode=trained.get("prompt_mode", "episode"), fmt=RouterFormat.from_meta(meta),
+                   engine=with_route_bias(engine, route_bias) if engine is not None else None)
 
     def play(self, env_factory, episodes: list[tuple[str, Budget, int]], progress: bool = True) -> list[EpisodeRecord]:
         """Play ``(task_id, budget, seed)`` episodes in lockstep batches."""

@@ -22,6 +22,7 @@ The RL stage recomputes the log-probs of the *constrained* distribution it sampl
 
 from __future__ import annotations
 
+import copy
 import os
 import uuid
 from dataclasses import dataclass
@@ -229,6 +230,14 @@ class HFEngine:
             end = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
             result.append(Generation(ids[:end], chosen[row, :end].tolist() if logprobs else None))
         return result
+
+
+def with_route_bias(engine, route_bias: float):
+    """``engine`` (``HFEngine`` or ``VLLMEngine``; its model shared, not copied) deciding
+    with route bias ``route_bias``: an evaluation sweep plays every bias on one engine."""
+    biased = copy.copy(engine)
+    biased.route_bias = float(route_bias)
+    return biased
 
 
 def vllm_environment(in_process: bool) -> None:
