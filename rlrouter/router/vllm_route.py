@@ -6,9 +6,10 @@ sampling parameters, ``extra_args = rlrouter.router.generation.route_args(allowe
 turn_format, route_bias)``. At every decoding step the processor groups the requests by
 rule and masks each group's logits with ``RouteConstraint.mask`` on the tokens each request
 has generated so far — the very method transformers' engine applies, batched over the
-rows — so the two engines allow the same token at every position: the tags and the tiers are spelled as training spelled them (a
-regex over text would also allow ``l`` + ``arge`` or ``<think`` + ``>``), and the route bias
-moves the tier token in both. Requests without the key are left as they are.
+rows — so the two engines allow the same token at every position: the tags and the tiers
+are spelled as training spelled them (a regex over text would also allow ``l`` + ``arge``
+or ``<think`` + ``>``), and the route bias moves the tier token in both. Requests without
+the key are left as they are.
 
 This module imports vLLM; import it only where a vLLM engine runs.
 """
