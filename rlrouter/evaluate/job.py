@@ -70,8 +70,8 @@ def eval_recipe(recipe: Recipe, budgets: list[Budget] | None = None, tasks: int 
         routed = []
         for bias in cfg.router_bias:
             name = label if not bias else f"{label}(bias={bias:g})"
-            router = RouterPolicy.from_checkpoint(model, tokenizer, ckpt_meta, recipe, name=name, route_bias=float(bias),
-                                                  engine=engine)
+            router = RouterPolicy.from_checkpoint(model, tokenizer, ckpt_meta, recipe, name=name,
+                                                  route_bias=float(bias), engine=engine)
             routed += router.evaluate(lambda: recipe.make_env(cfg.split, world=world), task_ids, budgets, seed,
                                       progress=progress)
         for record in routed:
