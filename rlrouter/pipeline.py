@@ -107,7 +107,10 @@ def run_rl_stage(recipe: Recipe, init: str | Path | None = None, out_dir: str | 
     trainer = build_rl_trainer(recipe, init, out_dir, resume=resume)
     if progress:
         print(f"rl: {recipe.rl.algorithm} on {trainer.device}, {recipe.rl.engine} rollouts", flush=True)
-    return trainer.train(progress=progress, stop_after=stop_after)
+    try:
+        return trainer.train(progress=progress, stop_after=stop_after)
+    finally:
+        trainer.rollouts.close()  # a vLLM engine shuts down before the eval stage starts its own
 
 
 def build_rl_trainer(recipe: Recipe, init: Path, out_dir: Path, resume: bool = False,

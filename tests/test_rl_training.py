@@ -266,6 +266,9 @@ def test_vllm_engine_rollouts_give_the_same_greedy_routes_as_hf_after_a_weight_u
     assert result["split_gaps"] == [0.0] * len(result["hf_routes"])
     assert result["routes_changed"]  # ... enough to change greedy routes, so a stale vLLM would differ
     assert result["iteration"]["logprob_gap"] < 1e-3  # vLLM's log-probs are the trainer's
+    # an engine started after the first was closed (the eval stage's after the RL stage's)
+    # plays the checkpoint's own routes, after the first one is collected
+    assert result["second_engine_routes"] == result["stale_routes"]
 
 
 @pytest.mark.slow

@@ -42,7 +42,9 @@ if __name__ == "__main__":
                 for g, row in zip(engine.generate(prompts, allowed), allowed)]
 
     hf = routes(HFEngine(model.eval(), tok, tiers, max_new_tokens=8, format=fmt))
-    vllm = routes(VLLMEngine(str(checkpoint), tok, tiers, max_new_tokens=8, format=fmt))
+    engine = VLLMEngine(str(checkpoint), tok, tiers, max_new_tokens=8, format=fmt)
+    vllm = routes(engine)
+    engine.close()  # eval_recipe below starts its own (VLLMEngine.close)
 
     def evaluated(engine):  # `rlrouter eval` of the checkpoint at two route biases, on one engine
         recipe = recipe_from_dict({

@@ -68,12 +68,16 @@ def eval_recipe(recipe: Recipe, budgets: list[Budget] | None = None, tasks: int 
         world = env.world
         engine = _checkpoint_engine(recipe, path, tokenizer, ckpt_meta)
         routed = []
-        for bias in cfg.router_bias:
-            name = label if not bias else f"{label}(bias={bias:g})"
-            router = RouterPolicy.from_checkpoint(model, tokenizer, ckpt_meta, recipe, name=name,
-                                                  route_bias=float(bias), engine=engine)
-            routed += router.evaluate(lambda: recipe.make_env(cfg.split, world=world), task_ids, budgets, seed,
-                                      progress=progress)
+        try:
+            for bias in cfg.router_bias:
+                name = label if not bias else f"{label}(bias={bias:g})"
+                router = RouterPolicy.from_checkpoint(model, tokenizer, ckpt_meta, recipe, name=name,
+                                                      route_bias=float(bias), engine=engine)
+                routed += router.evaluate(lambda: recipe.make_env(cfg.split, world=world), task_ids, budgets, seed,
+                                          progress=progress)
+        finally:
+            if engine is not None:
+                engine.close()  # before the next checkpoint's engine starts (VLLMEngine.close)
         for record in routed:
             record.taxonomy = labels.get(record.task_id)
         records += routed

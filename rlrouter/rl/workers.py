@@ -95,6 +95,11 @@ class LocalRollouts:
             self.worker.engine.load_weights(model)
         return time.perf_counter() - start
 
+    def close(self) -> None:
+        """Shut down the worker's engine if it is a vLLM engine (``VLLMEngine.close``)."""
+        if hasattr(self.worker.engine, "close"):
+            self.worker.engine.close()
+
 
 def collect(results: list[ShardResult]) -> tuple[list[Rollout], dict]:
     """Rollouts in spec order, and the per-shard stats flattened for the JSONL log."""

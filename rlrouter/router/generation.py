@@ -312,6 +312,13 @@ class VLLMEngine:
         self.tiers = list(tiers)
         self.max_new_tokens = max_new_tokens
 
+    def close(self) -> None:
+        """Shut the engine down now (idempotent; copies made by ``with_route_bias`` share it).
+        In-process engines share vLLM's global parallel state, and an engine shuts down when it
+        is collected — at any later garbage collection, it would tear that state down under
+        an engine started after it. So whoever starts another engine closes this one first."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def load_weights(self, model) -> None:
         """Push the policy's current weights into the engine (in place, no restart)."""
         state = [(name, tensor.detach().float().cpu()) for name, tensor in model.state_dict().items()]
