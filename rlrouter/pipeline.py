@@ -110,7 +110,7 @@ def run_rl_stage(recipe: Recipe, init: str | Path | None = None, out_dir: str | 
     try:
         return trainer.train(progress=progress, stop_after=stop_after)
     finally:
-        trainer.rollouts.close()  # a vLLM engine shuts down before the eval stage starts its own
+        trainer.rollouts.close()  # a vLLM engine shuts down before the eval stage starts its own (VLLMEngine.close)
 
 
 def build_rl_trainer(recipe: Recipe, init: Path, out_dir: Path, resume: bool = False,

@@ -1,14 +1,12 @@
 """One RL iteration with rollouts on the in-process vLLM engine (and two more from
 transformers rollouts), then greedy routes from vLLM (with the updated weights pushed into
-it) and from transformers, then a second engine started after the first is closed, for
-tests/test_rl_training.py.
+it) and from transformers, for tests/test_rl_training.py.
 
 usage: python tests/vllm_rl.py SYNTH_DIR CHECKPOINT OUT_DIR OUT.json
 Runs as a script: vLLM's engine needs a ``__main__`` guard.
 """
 
 import copy
-import gc
 import json
 import sys
 from pathlib import Path
@@ -75,15 +73,7 @@ if __name__ == "__main__":
     changed = any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     hf_rollouts, vllm_rollouts = rollouts(HFEngine(model, tok, recipe.pool.names, 32)), rollouts(engine)
     hf, vllm = tiers(hf_rollouts), tiers(vllm_rollouts)
-    # a second in-process engine after the first is closed and collected (as the eval stage
-    # starts one after the RL stage's): it must still run, from the checkpoint's weights
-    engine.close()
-    second = VLLMEngine(checkpoint, tok, recipe.pool.names, max_new_tokens=32, seed=0)
-    del engine, trainer
-    gc.collect()  # without close(), collecting the first engine tore down the parallel state under the second
-    second_routes = routes(second)
     Path(out_path).write_text(json.dumps({
-        "second_engine_routes": second_routes,
         "iteration": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         "weights_changed": changed, "hf_routes": hf, "vllm_routes": vllm, "stale_routes": stale,
         "routes_changed": stale != hf,

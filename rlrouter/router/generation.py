@@ -314,9 +314,11 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Shut the engine down now (idempotent; copies made by ``with_route_bias`` share it).
-        In-process engines share vLLM's global parallel state, and an engine shuts down when it
-        is collected — at any later garbage collection, it would tear that state down under
-        an engine started after it. So whoever starts another engine closes this one first."""
+        In-process engines share vLLM's global parallel state: with the earlier ones left open,
+        the third engine of one process (``rlrouter train``: the RL stage's, then one per
+        evaluated checkpoint) failed its first step with "pipeline model parallel group is not
+        initialized". Shutting one down tears that state down, and the next engine sets it up
+        afresh; so whoever starts another engine closes this one first."""
         self.llm.llm_engine.engine_core.shutdown()
 
     def load_weights(self, model) -> None:
