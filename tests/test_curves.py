@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rlrouter.evaluate.curves import apgr, cpt, family, family_curves, frontier_gap, upper_frontier
+from rlrouter.evaluate.curves import apgr, cpt, family, family_curves, family_difference, frontier_gap, upper_frontier
 from rlrouter.evaluate.runner import EpisodeRecord
 
 
@@ -71,6 +71,25 @@ def test_family_curves_from_records_by_hand():
     assert row["cpt50"] == pytest.approx(0.2) and row["cpt80"] == pytest.approx(0.2 + 0.3 * 0.3 / 0.5)
     low, high = row["apgr_ci"]
     assert low < row["apgr"] < high
+
+
+def test_family_difference_is_paired_over_tasks_by_hand():
+    """Two tasks; always-small fails both, always-large wins both; families a and b each call
+    large on half the steps (share 0.5, cost share 0.5) and win one task each, a task 0 and b
+    task 1. Full draw: both PGR 0.5, difference 0. A resample of task 0 twice: a's curve
+    (0,0) (0.5,1) (1,1) has area 0.75, b's (0,0) (0.5,0) (1,1) 0.25, difference +0.5; task 1
+    twice: −0.5; one of each: 0. So the paired bootstrap SE is sqrt(2 · 0.25 · 0.5²) = 0.354."""
+    records = (_records("always-small", "none", [0, 0], [0, 0]) + _records("always-large", "none", [1, 1], [10, 10])
+               + _records("a(k=1)", "none", [1, 0], [5, 5]) + _records("b", "none", [0, 1], [5, 5]))
+    result = family_difference(records, "a", "b", "large", resamples=4000)
+    for key in ("apgr", "apgr_usd"):
+        assert result[key]["difference"] == pytest.approx(0.0)
+        assert result[key]["se"] == pytest.approx(0.5 ** 1.5, abs=0.02)
+        assert result[key]["ci"] == [-0.5, 0.5]
+    with pytest.raises(ValueError, match="family 'random' has no policy at budget 'none'; families there: \\['a', 'b'\\]"):
+        family_difference(records, "a", "random", "large")
+    with pytest.raises(ValueError, match="lack the boundary policies"):
+        family_difference([r for r in records if r.policy != "always-large"], "a", "b", "large")
 
 
 def test_no_curves_without_the_unbudgeted_boundaries():

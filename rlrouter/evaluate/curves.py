@@ -143,9 +143,7 @@ def family_curves(records: list, top_tier: str, reference_budget: str = "none", 
     if not all((b, reference_budget) in table.cells for b in BOUNDARIES):
         return []
     ones = np.ones(len(table.tasks))
-    rng = np.random.default_rng(seed)
-    draws = [np.bincount(rng.integers(len(table.tasks), size=len(table.tasks)), minlength=len(table.tasks))
-             for _ in range(resamples)]
+    draws = _draws(len(table.tasks), resamples, seed)
     rows = []
     for (name, budget), policies in sorted(families.items()):
         if not all((b, budget) in table.cells for b in BOUNDARIES):
@@ -161,6 +159,45 @@ def family_curves(records: list, top_tier: str, reference_budget: str = "none", 
                 if values and reached >= level else None)
         rows.append(row)
     return rows
+
+
+def family_difference(records: list, first: str, second: str, top_tier: str, budget: str = "none",
+                      reference_budget: str = "none", resamples: int = 1000, seed: int = 0) -> dict:
+    """APGR of family ``first`` minus family ``second`` at ``budget`` (and the same on the
+    dollar axis), with a paired bootstrap over tasks: each resample draws the tasks once and
+    scores both families and the boundaries on that draw, so what the tasks share cancels.
+    "Above random by two standard errors" is ``difference > 2 * se`` against ``random``.
+    Returns ``{"apgr": {"difference", "se", "ci"}, "apgr_usd": {...}}`` (95% percentile CI)."""
+    table = EpisodeTable(records, top_tier)
+    members = defaultdict(list)
+    for policy, b in table.cells:
+        if b == budget and policy not in BOUNDARIES:
+            members[family(policy)].append(policy)
+    for name in (first, second):
+        if name not in members:
+            raise ValueError(f"family {name!r} has no policy at budget {budget!r}; families there: {sorted(members)}")
+    missing = [f"{p} @ {b}" for p in BOUNDARIES for b in {budget, reference_budget} if (p, b) not in table.cells]
+    if missing:
+        raise ValueError(f"the records lack the boundary policies {missing}: evaluate them beside the families")
+
+    def difference(weights: np.ndarray) -> dict:
+        a, b = (_curve_metrics(table, members[name], budget, reference_budget, weights) for name in (first, second))
+        return {key: (None if a[key] is None or b[key] is None else a[key] - b[key]) for key in ("apgr", "apgr_usd")}
+
+    estimate = difference(np.ones(len(table.tasks)))
+    boot = [difference(w) for w in _draws(len(table.tasks), resamples, seed)]
+    out = {}
+    for key in ("apgr", "apgr_usd"):
+        values = np.array([d[key] for d in boot if d[key] is not None])
+        out[key] = {"difference": estimate[key], "se": float(values.std()) if values.size else None,
+                    "ci": [float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))] if values.size else None}
+    return out
+
+
+def _draws(n: int, resamples: int, seed: int) -> list[np.ndarray]:
+    """Bootstrap resamples of ``n`` tasks as per-task counts (the weights of ``EpisodeTable.point``)."""
+    rng = np.random.default_rng(seed)
+    return [np.bincount(rng.integers(n, size=n), minlength=n) for _ in range(resamples)]
 
 
 def _curve_metrics(table: EpisodeTable, policies: list[str], budget: str, reference: str,
