@@ -149,6 +149,7 @@ def test_eval_with_a_checkpoint_reports_the_router_beside_the_baselines(trained,
     assert "| large_calls=1 | router(bias=2) |" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_eval_on_vllm_refuses_a_checkpoint_vllm_cannot_load_before_any_episode(trained, tmp_path, monkeypatch):
     """``eval.engine: vllm`` checks vLLM and every checkpoint's architecture before the first
     episode (the engines start one at a time, after the baselines): the errors name the field,
