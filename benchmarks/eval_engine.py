@@ -19,7 +19,7 @@ import json
 import time
 
 
-def play(recipe, checkpoint, loaded, engine, biases: list[float], tasks: int) -> tuple[list, float]:
+def play(recipe, loaded, engine, biases: list[float], tasks: int) -> tuple[list, float]:
     from rlrouter.evaluate.router_policy import RouterPolicy
 
     model, tok, meta = loaded
@@ -53,12 +53,12 @@ def main() -> None:
     biases = [float(b) for b in args.biases.split(",")] if args.biases else [float(b) for b in recipe.eval.router_bias]
     tasks = args.tasks or recipe.eval.tasks
     loaded = load_checkpoint(args.checkpoint, recipe.pool.names)
-    hf_records, hf_s = play(recipe, args.checkpoint, loaded, None, biases, tasks)
+    hf_records, hf_s = play(recipe, loaded, None, biases, tasks)
     start = time.perf_counter()
     engine = VLLMEngine(args.checkpoint, loaded[1], recipe.pool.names, recipe.router.max_new_tokens, recipe.seed,
                         format=RouterFormat.from_meta(loaded[2]))
     start_s = time.perf_counter() - start
-    vllm_records, vllm_s = play(recipe, args.checkpoint, loaded, engine, biases, tasks)
+    vllm_records, vllm_s = play(recipe, loaded, engine, biases, tasks)
 
     def outcome(r):
         return r.policy, r.budget, r.task_id, sorted(r.calls.items()), r.success, round(r.cost_usd, 12)
