@@ -46,8 +46,6 @@ def main() -> None:
 
     from rlrouter.config import load_recipe
     from rlrouter.router.checkpoint import load_checkpoint
-    from rlrouter.router.generation import VLLMEngine
-    from rlrouter.router.prompt import RouterFormat
 
     recipe = load_recipe(args.recipe)
     biases = [float(b) for b in args.biases.split(",")] if args.biases else [float(b) for b in recipe.eval.router_bias]
@@ -55,8 +53,7 @@ def main() -> None:
     loaded = load_checkpoint(args.checkpoint, recipe.pool.names)
     hf_records, hf_s = play(recipe, loaded, None, biases, tasks)
     start = time.perf_counter()
-    engine = VLLMEngine(args.checkpoint, loaded[1], recipe.pool.names, recipe.router.max_new_tokens, recipe.seed,
-                        format=RouterFormat.from_meta(loaded[2]))
+    engine = recipe.vllm_engine(args.checkpoint, loaded[1], loaded[2])
     start_s = time.perf_counter() - start
     vllm_records, vllm_s = play(recipe, loaded, engine, biases, tasks)
 

@@ -402,6 +402,16 @@ class Recipe:
         }
         return RoutingEnv(world or self.build_world(), self.pool, **kwargs)
 
+    def vllm_engine(self, checkpoint_dir, tokenizer, meta: dict):
+        """An in-process vLLM engine on a router checkpoint of this recipe (its tiers, decode
+        length and seed; the turn format the checkpoint's ``meta`` records). The RL stage's
+        rollouts and ``eval.engine: vllm`` both start theirs here."""
+        from rlrouter.router.generation import VLLMEngine
+        from rlrouter.router.prompt import RouterFormat
+
+        return VLLMEngine(str(checkpoint_dir), tokenizer, self.pool.names, self.router.max_new_tokens, self.seed,
+                          format=RouterFormat.from_meta(meta))
+
     def out_dir(self) -> Path:
         return Path(self.eval.out_dir or f"runs/{self.name}/eval")
 

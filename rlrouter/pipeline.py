@@ -122,7 +122,6 @@ def build_rl_trainer(recipe: Recipe, init: Path, out_dir: Path, resume: bool = F
     from rlrouter.rl.trainer import RLTrainer, load_boundaries
     from rlrouter.router.checkpoint import load_checkpoint
     from rlrouter.router.model import freeze_below
-    from rlrouter.router.prompt import RouterFormat
 
     cfg = recipe.rl
     state_dir = Path(state_dir or out_dir)
@@ -143,10 +142,7 @@ def build_rl_trainer(recipe: Recipe, init: Path, out_dir: Path, resume: bool = F
     meta["training"] = {**meta.get("training", {}), "rl_init": str(init)}
     engine = None
     if cfg.engine == "vllm":
-        from rlrouter.router.generation import VLLMEngine
-
-        engine = VLLMEngine(str(start_from), tokenizer, recipe.pool.names, recipe.router.max_new_tokens, recipe.seed,
-                            format=RouterFormat.from_meta(ckpt_meta))
+        engine = recipe.vllm_engine(start_from, tokenizer, ckpt_meta)
     task_ids = env.task_ids[: cfg.tasks]
     if set(cfg.task_taxonomy) != set(LABELS):
         task_ids = [t for t in task_ids if t in boundaries and boundaries[t].taxonomy in cfg.task_taxonomy]

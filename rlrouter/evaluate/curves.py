@@ -127,6 +127,14 @@ class EpisodeTable:
         episodes = (n * w).sum()
         return success / episodes, (top / calls if calls else 0.0), cost / episodes
 
+    def families(self) -> dict[tuple[str, str], list[str]]:
+        """(family, budget) -> that family's policies at that budget, the boundaries left out."""
+        members = defaultdict(list)
+        for policy, budget in self.cells:
+            if policy not in BOUNDARIES:
+                members[(family(policy), budget)].append(policy)
+        return dict(members)
+
 
 def family_curves(records: list, top_tier: str, reference_budget: str = "none", resamples: int = 200,
                   seed: int = 0, level: float = 0.95) -> list[dict]:
@@ -136,16 +144,12 @@ def family_curves(records: list, top_tier: str, reference_budget: str = "none", 
     Needs the unbudgeted boundaries (``reference_budget``) and both boundaries at each budget.
     """
     table = EpisodeTable(records, top_tier)
-    families = defaultdict(list)  # (family, budget) -> policies
-    for policy, budget in table.cells:
-        if policy not in BOUNDARIES:
-            families[(family(policy), budget)].append(policy)
     if not all((b, reference_budget) in table.cells for b in BOUNDARIES):
         return []
     ones = np.ones(len(table.tasks))
     draws = _draws(len(table.tasks), resamples, seed)
     rows = []
-    for (name, budget), policies in sorted(families.items()):
+    for (name, budget), policies in sorted(table.families().items()):
         if not all((b, budget) in table.cells for b in BOUNDARIES):
             continue
         estimate = _curve_metrics(table, policies, budget, reference_budget, ones)
@@ -169,10 +173,7 @@ def family_difference(records: list, first: str, second: str, top_tier: str, bud
     "Above random by two standard errors" is ``difference > 2 * se`` against ``random``.
     Returns ``{"apgr": {"difference", "se", "ci"}, "apgr_usd": {...}}`` (95% percentile CI)."""
     table = EpisodeTable(records, top_tier)
-    members = defaultdict(list)
-    for policy, b in table.cells:
-        if b == budget and policy not in BOUNDARIES:
-            members[family(policy)].append(policy)
+    members = {name: policies for (name, b), policies in table.families().items() if b == budget}
     for name in (first, second):
         if name not in members:
             raise ValueError(f"family {name!r} has no policy at budget {budget!r}; families there: {sorted(members)}")

@@ -117,11 +117,7 @@ def _checkpoint_engine(recipe: Recipe, path, tokenizer, meta: dict):
     model; ``vllm`` = an in-process vLLM engine on the checkpoint's directory."""
     if recipe.eval.engine != "vllm":
         return None
-    from rlrouter.router.generation import VLLMEngine
-    from rlrouter.router.prompt import RouterFormat
-
-    return VLLMEngine(str(path), tokenizer, recipe.pool.names, recipe.router.max_new_tokens, recipe.seed,
-                      format=RouterFormat.from_meta(meta))
+    return recipe.vllm_engine(path, tokenizer, meta)
 
 
 def _check_vllm_can_load(routers: dict) -> None:
