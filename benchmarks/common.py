@@ -33,8 +33,10 @@ def router_checkpoint(recipe, checkpoint: str | None) -> tuple[Path, tempfile.Te
 def pooled_hidden_states(model, tokenizer, texts: list[str], layers: list[int], limit: int | None,
                          head_share: float, label: str = "texts") -> dict[int, "np.ndarray"]:
     """Each text's hidden states at each of ``layers`` (0 = embeddings), mean-pooled over
-    its tokens, with the text cut to ``limit`` tokens the way the router cuts its prompt
-    (head and tail kept, ``rlrouter.router.prompt.cut_middle``)."""
+    its tokens, with the text alone cut to ``limit`` tokens (head and tail kept,
+    ``rlrouter.router.prompt.cut_middle``). The router's own limit also holds its system
+    message and chat template, so under the same ``router.max_prompt_tokens`` the router
+    reads fewer of the text's tokens than a probe does (``RouterFormat.cut_report``)."""
     import numpy as np
     import torch
 

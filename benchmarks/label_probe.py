@@ -13,7 +13,8 @@ recipe's synthesis output, so run the synth stage first). A logistic probe (stan
 features, L2 strength by inner cross-validation) is scored out of fold, folds grouped by
 task so no task's steps are on both sides, on each representation of the step prompt:
 ``minilm`` (the embedding routers' features) and ``base@L`` (the router base's layer L,
-mean-pooled over the prompt cut as the router reads it). The label is "the priciest tier";
+mean-pooled over the step prompt cut to ``router.max_prompt_tokens``, the prompt
+alone: the router spends part of that limit on its system message). The label is "the priciest tier";
 AUC 0.5 is chance.
 
 ``--hidden-gain TAU`` also probes, at the very same decisions, the hidden label a clean

@@ -14,8 +14,9 @@ A logistic probe (standardized features, L2 strength by 5-fold cross-validation 
 train games' steps) predicts the gain step from each representation of the prompt:
 
 - ``minilm``: the all-MiniLM-L6-v2 embedding (the embedding routers' features);
-- ``base@L``: the router base's hidden states at layer L, mean-pooled (prompt cut to the
-  recipe's ``router.max_prompt_tokens`` head and tail, as the router reads it);
+- ``base@L``: the router base's hidden states at layer L, mean-pooled (the step prompt alone
+  cut to the recipe's ``router.max_prompt_tokens``, head and tail; the router's own prompt
+  spends part of that limit on its system message);
 - ``gold verb``: the hidden gold command's verb, one-hot: the upper bound of what a probe
   could reach, and a check on the measurement.
 

@@ -71,6 +71,12 @@ def run_sft_stage(recipe: Recipe, synth_dir: str | Path | None = None, out_dir: 
     if fmt != RouterFormat():  # the synthesized turns are think/route with whole prompts: rewrite and cut them
         dataset = dataset.map(lambda row: {"messages": fmt.as_training_example(tokenizer, row["messages"])},
                               desc="turn format")
+    cut = fmt.cut_report(tokenizer, dataset["messages"]) if fmt.max_prompt_tokens else None
+    if cut and cut["cut"]:
+        print(f"router.max_prompt_tokens = {cut['max_prompt_tokens']} cut {cut['cut']} of {cut['prompts']} training "
+              f"prompts in the middle (median {cut['median_tokens_cut']:g} tokens cut, "
+              f"{cut['median_user_tokens_kept']:g} of the step text kept; the system message counts against the "
+              "limit): raise router.max_prompt_tokens to keep more", flush=True)
     freeze_below(model, recipe.router.train_layers)
     meta = {
         "pool": recipe.pool.describe(),
@@ -79,7 +85,7 @@ def run_sft_stage(recipe: Recipe, synth_dir: str | Path | None = None, out_dir: 
                    "history_window": recipe.env.history_window,
                    "max_new_tokens": recipe.router.max_new_tokens, "format": fmt.to_dict(),
                    "train_layers": recipe.router.train_layers, "base_layers": recipe.router.base_layers},
-        "training": {"recipe": recipe.name, "seed": recipe.seed, "synth_dir": str(synth_dir)},
+        "training": {"recipe": recipe.name, "seed": recipe.seed, "synth_dir": str(synth_dir), "prompt_cut": cut},
     }
     return run_sft(model, tokenizer, dataset, recipe.sft, out_dir, meta, seed=recipe.seed,
                    resume_from=resume_from, progress=progress)

@@ -141,6 +141,26 @@ def test_a_synthesized_conversation_becomes_a_route_only_training_example(tokeni
     assert RouterFormat().as_training_example(tokenizer, example) == example
 
 
+def test_the_cut_report_counts_the_prompts_cut_and_what_is_left_of_their_step_text(tokenizer):
+    system = {"role": "system", "content": "Pool: x. " + REPLY_LINES["think_route"]}
+    route = {"role": "assistant", "content": "<think>ok; large 2</think><route>large</route>"}
+    long_text, short_text = "Task: " + " ".join(WORDS[:300]), "Task: " + " ".join(WORDS[:5])
+    fmt = RouterFormat("route", max_prompt_tokens=100)
+    examples = [fmt.as_training_example(tokenizer, [system, {"role": "user", "content": text}, route])
+                for text in (long_text, short_text, long_text)]
+    report = fmt.cut_report(tokenizer, examples)
+    cut_text = examples[0][1]["content"]
+    n_cut = int(cut_text.split("[… ")[1].split(" tokens cut")[0])  # the marker's own count
+    head, tail = cut_text.split(CUT_MARKER.format(n=n_cut))
+    kept = len(tokenizer(head + tail, add_special_tokens=False)["input_ids"])
+    assert report == {"max_prompt_tokens": 100, "prompts": 3, "cut": 2, "median_tokens_cut": n_cut,
+                      "median_user_tokens_kept": kept}
+    # the tokens kept and the tokens cut are the long text's (up to a merge at each seam)
+    assert abs(len(tokenizer(long_text, add_special_tokens=False)["input_ids"]) - (kept + n_cut)) <= 2
+    assert head.startswith("Task: w0") and tail.endswith("w299") and kept < 100
+    assert RouterFormat("route", max_prompt_tokens=400).cut_report(tokenizer, examples[1:2])["cut"] == 0
+
+
 def test_router_format_round_trips_through_checkpoint_meta_and_rejects_bad_values():
     fmt = RouterFormat("route", 512, 0.3)
     assert RouterFormat.from_meta({"router": {"format": fmt.to_dict()}}) == fmt
@@ -333,6 +353,17 @@ def test_three_tiers_with_route_only_turns_run_synth_sft_rl_and_evaluation(tmp_p
     sft = run_sft_stage(recipe, progress=False)
     assert read_meta(sft)["router"]["format"] == {"turn_format": "route", "max_prompt_tokens": 200,
                                                   "cut_head_share": 0.5}
+    # the cut report in the checkpoint: one entry per decision, cut where the whole prompt was longer
+    from datasets import load_from_disk
+
+    from rlrouter.boundary.synthesis import step_examples
+
+    _, sft_tokenizer, _ = load_checkpoint(sft, recipe.pool.names)
+    steps = step_examples(load_from_disk(str(tmp_path / "synth" / "dataset")))["messages"]
+    system = recipe.router.format().as_training_example(sft_tokenizer, steps[0])[0]
+    longer = sum(len(prompt_token_ids(sft_tokenizer, [system, m[1]])) > 200 for m in steps)
+    cut = read_meta(sft)["training"]["prompt_cut"]
+    assert (cut["max_prompt_tokens"], cut["prompts"], cut["cut"]) == (200, len(steps), longer), cut
     rl = run_rl_stage(recipe, progress=False)
     assert read_meta(rl)["router"]["format"]["turn_format"] == "route"
     model, tokenizer, meta = load_checkpoint(rl, recipe.pool.names)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from statistics import median
 
 PROMPT_FORMAT_VERSION = 1
 
@@ -238,6 +239,7 @@ def think_text(view: dict) -> str:
 
 # -- the rule a router is trained with, carried by its checkpoint -------------------------
 CUT_MARKER = "\n[… {n} tokens cut …]\n"
+_CUT = re.compile(re.escape(CUT_MARKER).replace(r"\{n\}", r"(\d+)"))
 
 
 def cut_middle(tokenizer, text: str, drop: int, head_share: float = 0.5) -> str:
@@ -304,16 +306,20 @@ class RouterFormat:
         if self.max_prompt_tokens is None:
             return messages
         last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        content = messages[last]["content"]
+        length = len(tokenizer(content, add_special_tokens=False)["input_ids"])
         marker = len(tokenizer(CUT_MARKER.format(n=0), add_special_tokens=False)["input_ids"])
+        fitted, drop = messages, 0
         for _ in range(8):  # decode/encode at the cut can merge tokens differently: re-check
-            over = len(prompt_token_ids(tokenizer, messages)) - self.max_prompt_tokens
+            over = len(prompt_token_ids(tokenizer, fitted)) - self.max_prompt_tokens
             if over <= 0:
-                return messages
-            content = messages[last]["content"]
-            if len(tokenizer(content, add_special_tokens=False)["input_ids"]) <= over + marker + 8:
+                return fitted
+            drop += over + (marker + 2 if drop == 0 else 0)
+            if length - drop <= 6:
                 break
-            messages = [*messages[:last], {**messages[last], "content": cut_middle(
-                tokenizer, content, over + marker + 2, self.cut_head_share)}, *messages[last + 1:]]
+            # always a cut of the original text, so its one marker counts every token cut
+            fitted = [*messages[:last], {**messages[last], "content": cut_middle(
+                tokenizer, content, drop, self.cut_head_share)}, *messages[last + 1:]]
         raise ValueError(f"router.max_prompt_tokens = {self.max_prompt_tokens} is too small: the prompt around the "
                          "step text does not fit; raise it")
 
@@ -330,6 +336,24 @@ class RouterFormat:
         if self.max_prompt_tokens is None:
             return out
         return [*self.fit(tokenizer, out[:-1]), out[-1]]
+
+    def cut_report(self, tokenizer, conversations: list[list[dict]]) -> dict:
+        """How much of ``conversations`` (after ``fit`` or ``as_training_example``) the cut
+        removed: prompts cut, and per cut prompt the tokens cut and the tokens of its last
+        user message kept (median). The SFT stage prints it and writes it into the
+        checkpoint: a limit that leaves a few dozen tokens of the step text is easy to set
+        without noticing (the system message counts against it)."""
+        cut, kept = [], []
+        for messages in conversations:
+            content = [m for m in messages if m["role"] == "user"][-1]["content"]
+            found = _CUT.search(content)
+            if found:
+                cut.append(int(found.group(1)))
+                rest = content[:found.start()] + content[found.end():]
+                kept.append(len(tokenizer(rest, add_special_tokens=False)["input_ids"]))
+        return {"max_prompt_tokens": self.max_prompt_tokens, "prompts": len(conversations), "cut": len(cut),
+                "median_tokens_cut": median(cut) if cut else None,
+                "median_user_tokens_kept": median(kept) if kept else None}
 
     def prompt_ids(self, tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
         """``batch_prompt_token_ids`` after ``fit``: the prompts every engine is given."""
