@@ -307,14 +307,16 @@ class RouterFormat:
             return messages
         last = max(i for i, m in enumerate(messages) if m["role"] == "user")
         content = messages[last]["content"]
-        length = len(tokenizer(content, add_special_tokens=False)["input_ids"])
-        marker = len(tokenizer(CUT_MARKER.format(n=0), add_special_tokens=False)["input_ids"])
         fitted, drop = messages, 0
         for _ in range(8):  # decode/encode at the cut can merge tokens differently: re-check
             over = len(prompt_token_ids(tokenizer, fitted)) - self.max_prompt_tokens
             if over <= 0:
                 return fitted
-            drop += over + (marker + 2 if drop == 0 else 0)
+            if drop == 0:  # the first cut: only a prompt over the limit pays for these two counts
+                length = len(tokenizer(content, add_special_tokens=False)["input_ids"])
+                drop = over + len(tokenizer(CUT_MARKER.format(n=0), add_special_tokens=False)["input_ids"]) + 2
+            else:
+                drop += over
             if length - drop <= 6:
                 break
             # always a cut of the original text, so its one marker counts every token cut
